@@ -1,0 +1,3 @@
+from captionflow.cli import main
+
+main()

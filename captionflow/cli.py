@@ -1,0 +1,210 @@
+"""The ``captionflow`` command. Settings are built here, once, and passed down as values."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+import typer
+from rich.console import Console
+
+from captionflow.config import Settings
+from captionflow.errors import CaptionflowError
+
+app = typer.Typer(
+    name="captionflow", no_args_is_help=True, add_completion=False,
+    help="Stream-scale video captioning: Kafka in, Qwen2.5-VL on vLLM, captions out.")
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[Path | None, typer.Option(
+    "--config", "-c", help="TOML or JSON settings file (also CAPTIONFLOW_CONFIG).",
+    exists=True, dir_okay=False)]
+BootstrapOpt = Annotated[str | None, typer.Option(
+    "--bootstrap-servers", "-b", help="Kafka bootstrap servers (kafka.bootstrap_servers).")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
+
+
+def load_settings(config: Path | None, **overrides: Any) -> Settings:
+    """Build the settings or exit 2 with the message that says what to fix."""
+    try:
+        return Settings.load(config, overrides)
+    except CaptionflowError as e:
+        err.print(f"[red]error:[/red] {e.message}")
+        raise typer.Exit(2) from e
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+
+
+def fail(e: CaptionflowError, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/red] {e}")
+    return typer.Exit(code)
+
+
+@app.command()
+def broker(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 = a free one).")] = 0,
+    partitions: Annotated[int | None, typer.Option(help="Partitions per topic.")] = None,
+    config: ConfigOpt = None, verbose: VerboseOpt = False,
+) -> None:
+    """Run the embedded Kafka-protocol broker (Tansu) with the three topics created."""
+    from captionflow.broker import EmbeddedBroker
+
+    setup_logging(verbose)
+    settings = load_settings(config, **{"topics.partitions": partitions})
+    t = settings.topics
+    b = EmbeddedBroker(port=port or None, topics=(t.input, t.output, t.dead_letter),
+                       partitions=t.partitions)
+    try:
+        b.start()
+    except CaptionflowError as e:
+        raise fail(e) from e
+    print(f"bootstrap servers: {b.bootstrap_servers}", flush=True)
+    err.print(f"topics {t.input}, {t.output}, {t.dead_letter} ({t.partitions} partitions); "
+              f"export CAPTIONFLOW_KAFKA__BOOTSTRAP_SERVERS={b.bootstrap_servers} "
+              "CAPTIONFLOW_KAFKA__ENABLE_IDEMPOTENCE=false; Ctrl-C stops it")
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        code = b.wait()
+    except KeyboardInterrupt:
+        code = 0
+    finally:
+        b.stop()
+    if code != 0:
+        err.print(f"[red]broker exited with code {code}[/red]")
+        raise typer.Exit(1)
+
+
+@app.command()
+def topics(config: ConfigOpt = None, bootstrap_servers: BootstrapOpt = None,
+           partitions: Annotated[int | None, typer.Option()] = None) -> None:
+    """Create the input, output and dead-letter topics if they do not exist."""
+    from captionflow.kafka import ensure_topics
+
+    settings = load_settings(config, **{"kafka.bootstrap_servers": bootstrap_servers,
+                                        "topics.partitions": partitions})
+    t = settings.topics
+    try:
+        created = asyncio.run(ensure_topics(
+            settings.kafka, (t.input, t.output, t.dead_letter), partitions=t.partitions,
+            replication_factor=t.replication_factor))
+    except CaptionflowError as e:
+        raise fail(e) from e
+    print(f"created: {', '.join(created) or 'nothing (all exist)'}")
+
+
+@app.command()
+def publish(
+    inputs: Annotated[list[str], typer.Argument(
+        help="Video files, directories, globs, URLs, DataFlow JSON or JSONL files.")],
+    id_from: Annotated[str, typer.Option(
+        help="auto (row id, else uuid) | uuid | path (stable per reference) | field (row id)")
+    ] = "auto",
+    topic: Annotated[str | None, typer.Option(help="Override topics.input.")] = None,
+    config: ConfigOpt = None, bootstrap_servers: BootstrapOpt = None, verbose: VerboseOpt = False,
+) -> None:
+    """Validate and publish video-reference events, keyed by event id."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from captionflow.producer import Publisher
+
+    if id_from not in ("auto", "uuid", "path", "field"):
+        raise typer.BadParameter("--id-from must be auto, uuid, path or field")
+    setup_logging(verbose)
+    logging.getLogger("captionflow.producer").setLevel(logging.ERROR)
+    settings = load_settings(config, **{"kafka.bootstrap_servers": bootstrap_servers,
+                                        "topics.input": topic})
+
+    async def go() -> Any:
+        with Progress(TextColumn("publishing"), BarColumn(), MofNCompleteColumn(),
+                      console=err, transient=True, disable=not err.is_terminal) as progress:
+            task = progress.add_task("publish", total=None)
+            async with Publisher(settings.kafka, topic=settings.topics.input) as pub:
+                return await pub.publish_inputs(
+                    inputs, id_from=id_from,  # type: ignore[arg-type]
+                    on_sent=lambda ev, meta: progress.advance(task))
+
+    try:
+        report = asyncio.run(go())
+    except CaptionflowError as e:
+        raise fail(e) from e
+    for ev, meta in report.sent:
+        print(orjson.dumps({"id": ev.id, "video": ev.video, "partition": meta.partition,
+                            "offset": meta.offset}).decode())
+    for r in report.rejected:
+        err.print(f"[yellow]rejected[/yellow] {r.source}: {r.reason}")
+    err.print(f"sent {len(report.sent)}, rejected {len(report.rejected)} "
+              f"to {settings.topics.input}")
+    if report.rejected:
+        raise typer.Exit(1)
+
+
+@app.command()
+def subscribe(
+    count: Annotated[int | None, typer.Option(help="Stop after this many records.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
+    dead_letter: Annotated[bool, typer.Option(
+        "--dead-letter", help="Also read the dead-letter topic.")] = False,
+    only_dead_letter: Annotated[bool, typer.Option(
+        "--only-dead-letter", help="Read only the dead-letter topic.")] = False,
+    latest: Annotated[bool, typer.Option("--latest", help="Only new records.")] = False,
+    group: Annotated[str | None, typer.Option(help="Join this group and commit.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="JSONL file.")] = None,
+    config: ConfigOpt = None, bootstrap_servers: BootstrapOpt = None,
+) -> None:
+    """Print caption events (and dead-letter events) as JSON lines."""
+    from captionflow.consumer.subscriber import subscribe as run_subscribe
+
+    settings = load_settings(config, **{"kafka.bootstrap_servers": bootstrap_servers})
+    t = settings.topics
+    names = [t.dead_letter] if only_dead_letter else \
+        [t.output, t.dead_letter] if dead_letter else [t.output]
+    out = output.open("ab") if output else sys.stdout.buffer
+
+    def sink(record: Any) -> None:
+        out.write(record.value.rstrip(b"\n") + b"\n")
+        out.flush()
+
+    try:
+        result = asyncio.run(run_subscribe(
+            settings.kafka, names, sink=sink, from_beginning=not latest, count=count,
+            timeout_s=timeout, group_id=group))
+    except KeyboardInterrupt:
+        return
+    finally:
+        if output:
+            out.close()
+    if count is not None and result.records < count:
+        err.print(f"timed out after {result.records} of {count} records")
+        raise typer.Exit(1)
+
+
+@app.command()
+def schema(name: Annotated[str, typer.Argument(help="video | caption | dead-letter")]) -> None:
+    """Print the JSON Schema of an event."""
+    from captionflow.schemas import jsonschema
+
+    if name not in jsonschema.SCHEMAS:
+        raise typer.BadParameter(f"choose one of {', '.join(jsonschema.SCHEMAS)}")
+    sys.stdout.buffer.write(jsonschema.shipped(name))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

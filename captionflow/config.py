@@ -1,0 +1,322 @@
+"""Settings: one frozen object, built once at the entrypoint and passed down as values.
+
+Precedence, highest first: explicit overrides (CLI flags) > ``CAPTIONFLOW_*`` environment
+variables (nested with ``__``, e.g. ``CAPTIONFLOW_SERVING__MAX_TOKENS=512``) > a config file
+(TOML or JSON, from ``--config`` or ``CAPTIONFLOW_CONFIG``) > defaults.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    JsonConfigSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from captionflow.errors import ConfigError
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+DEFAULT_PROMPT = "Please describe the video in detail."
+ENV_PREFIX = "CAPTIONFLOW_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaSettings(_Section):
+    """How to reach the cluster. SASL/SSL values are handed to aiokafka unchanged."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    client_id: str = "captionflow"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    # On for real clusters; the embedded Tansu broker cannot do it (docs/broker.md).
+    enable_idempotence: bool = True
+    acks: Literal["all", "1", "0"] = "all"
+    request_timeout_ms: int = Field(30_000, gt=0)
+    # aiokafka's client-side limit on one produced request; caption events stay far below.
+    max_request_size_bytes: int = Field(1_048_576, gt=0)
+    # Input records above this size go to the dead-letter topic as payload_too_large.
+    max_event_bytes: int = Field(1_048_576, gt=0)
+
+    @model_validator(mode="after")
+    def _check_security(self) -> KafkaSettings:
+        sasl = self.security_protocol.startswith("SASL")
+        if sasl and self.sasl_mechanism is None:
+            raise ValueError(
+                f"security_protocol={self.security_protocol} needs sasl_mechanism "
+                "(set CAPTIONFLOW_KAFKA__SASL_MECHANISM, e.g. SCRAM-SHA-512)")
+        if not sasl and self.sasl_mechanism is not None:
+            raise ValueError(
+                f"sasl_mechanism={self.sasl_mechanism} is ignored with security_protocol="
+                f"{self.security_protocol}; use SASL_SSL or SASL_PLAINTEXT, or unset the mechanism")
+        if sasl and self.sasl_mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512") and (
+                not self.sasl_username or self.sasl_password is None):
+            raise ValueError(
+                f"sasl_mechanism={self.sasl_mechanism} needs sasl_username and sasl_password")
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("ssl_certfile and ssl_keyfile go together: set both or neither")
+        if not self.security_protocol.endswith("SSL") and (self.ssl_cafile or self.ssl_certfile):
+            raise ValueError(
+                f"SSL files are set but security_protocol={self.security_protocol}; "
+                "use SSL or SASL_SSL")
+        return self
+
+
+class TopicSettings(_Section):
+    input: str = "captionflow.videos"
+    output: str = "captionflow.captions"
+    dead_letter: str = "captionflow.dead-letter"
+    # Used when captionflow creates the topics (embedded broker, `captionflow topics create`).
+    partitions: int = Field(4, ge=1)
+    replication_factor: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> TopicSettings:
+        if len({self.input, self.output, self.dead_letter}) != 3:
+            raise ValueError("input, output and dead_letter topics must be three different topics")
+        return self
+
+
+class VideoSettings(_Section):
+    """Where videos may come from and how frames are sampled (qwen-vl-utils semantics)."""
+
+    # Local paths must resolve under one of these roots. Empty means the current directory.
+    allowed_roots: tuple[Path, ...] = ()
+    # "file", "http", "https", or a scheme registered with captionflow.video.fetch.
+    allowed_schemes: tuple[str, ...] = ("file", "http", "https")
+    # Loopback/private/link-local/metadata addresses are refused unless inside one of these
+    # CIDRs (e.g. "10.0.0.0/8" for an in-cluster media server).
+    fetch_allowed_networks: tuple[str, ...] = ()
+    max_video_bytes: int = Field(2 * 1024**3, gt=0)
+    fetch_connect_timeout_s: float = Field(5.0, gt=0)
+    fetch_read_timeout_s: float = Field(30.0, gt=0)
+    # Whole download, so a server trickling bytes cannot hold a worker forever.
+    fetch_total_timeout_s: float = Field(600.0, gt=0)
+    fetch_max_redirects: int = Field(5, ge=0)
+    # Downloads go here (deleted after decoding); None = the system temp directory.
+    download_dir: Path | None = None
+    max_duration_s: float = Field(3 * 3600.0, gt=0)
+    # Sampling defaults; events may override them within the limits below.
+    fps: float = Field(2.0, gt=0)
+    min_frames: int = Field(4, ge=1)
+    max_frames: int = Field(768, ge=2)
+    min_pixels: int = Field(128 * 28 * 28, gt=0)
+    max_pixels: int = Field(768 * 28 * 28, gt=0)
+    total_pixels: int = Field(24576 * 28 * 28, gt=0)
+    # Long videos: split into windows of this many seconds (0 = one request per video).
+    # A last piece shorter than window_min_remainder_s is merged into the window before it.
+    window_s: float = Field(0.0, ge=0)
+    window_overlap_s: float = Field(0.0, ge=0)
+    window_min_remainder_s: float = Field(0.0, ge=0)
+    decode_threads: int = Field(0, ge=0)  # codec threads per decode; 0 = let the codec choose
+    decode_workers: int = Field(2, ge=1)  # concurrent decodes (thread pool)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> VideoSettings:
+        if self.min_frames > self.max_frames:
+            raise ValueError("video.min_frames must not exceed video.max_frames")
+        if self.min_pixels > self.max_pixels:
+            raise ValueError("video.min_pixels must not exceed video.max_pixels")
+        if self.window_s and self.window_overlap_s >= self.window_s:
+            raise ValueError("video.window_overlap_s must be smaller than video.window_s")
+        if self.window_s and self.window_min_remainder_s > self.window_s:
+            raise ValueError("video.window_min_remainder_s must not exceed video.window_s")
+        for cidr in self.fetch_allowed_networks:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as e:
+                raise ValueError(
+                    f"video.fetch_allowed_networks entry {cidr!r} is not a CIDR "
+                    "(write e.g. 10.0.0.0/8 or 127.0.0.1/32)") from e
+        return self
+
+
+class ServingSettings(_Section):
+    """The captioning backend. Defaults are DataFlow-MM's LocalModelVLMServing_vllm values."""
+
+    backend: Literal["vllm", "openai", "transformers"] = "vllm"
+    model: str = DEFAULT_MODEL
+    download_dir: Path | None = None
+    served_model_name: str | None = None
+    tensor_parallel_size: int = Field(1, ge=1)
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    top_k: int = -1
+    repetition_penalty: float = Field(1.0, gt=0)
+    max_tokens: int = Field(2048, ge=1)
+    seed: int | None = None
+    max_model_len: int = Field(51200, ge=16)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    dtype: str = "auto"
+    max_num_seqs: int | None = Field(None, ge=1)
+    max_num_batched_tokens: int | None = Field(None, ge=16)
+    enforce_eager: bool = False
+    # CPU engine: bytes of KV cache (vLLM's VLLM_CPU_KVCACHE_SPACE only takes whole GiB).
+    kv_cache_memory_bytes: int | None = Field(None, gt=0)
+    limit_mm_per_prompt: dict[str, int] = Field(default_factory=lambda: {"image": 0, "video": 1})
+    mm_processor_kwargs: dict[str, Any] = Field(default_factory=dict)
+    trust_remote_code: bool = False
+    # Where vLLM keeps its cache, RPC sockets and temp files (VLLM_CACHE_ROOT,
+    # VLLM_RPC_BASE_PATH, TMPDIR); a fresh temp dir when unset.
+    work_dir: Path | None = None
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    default_prompt: str = DEFAULT_PROMPT
+    # openai backend
+    openai_base_url: str = "http://127.0.0.1:8000/v1"
+    openai_api_key: SecretStr | None = None
+    openai_timeout_s: float = Field(600.0, gt=0)
+    openai_max_concurrency: int = Field(16, ge=1)
+    openai_max_retries: int = Field(3, ge=0)
+    openai_retry_backoff_ms: int = Field(500, ge=0)
+    # How the openai backend sends frames: as an inline data URL of the sampled frames.
+    openai_video_transport: Literal["frames", "url"] = "frames"
+
+    @model_validator(mode="after")
+    def _tokens(self) -> ServingSettings:
+        if self.max_num_batched_tokens is not None and \
+                self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"serving.max_num_batched_tokens ({self.max_num_batched_tokens}) is below "
+                f"serving.max_model_len ({self.max_model_len}); one video prompt must fit in a "
+                "scheduler step: raise it or lower max_model_len")
+        return self
+
+
+class WorkerSettings(_Section):
+    group_id: str = "captionflow-workers"
+    max_batch_size: int = Field(8, ge=1)
+    max_wait_ms: int = Field(50, ge=0)
+    # Pause partitions above the high watermark of in-flight events, resume below the low.
+    max_in_flight: int = Field(32, ge=1)
+    resume_in_flight: int = Field(16, ge=0)
+    commit_interval_ms: int = Field(1000, ge=10)
+    poll_timeout_ms: int = Field(200, ge=1)
+    max_poll_records: int = Field(64, ge=1)
+    max_attempts: int = Field(3, ge=1)
+    retry_backoff_ms: int = Field(200, ge=0)
+    retry_backoff_max_ms: int = Field(5000, ge=0)
+    shutdown_grace_s: float = Field(25.0, gt=0)
+    revoke_grace_s: float = Field(10.0, gt=0)
+    session_timeout_ms: int = Field(10_000, gt=0)
+    heartbeat_interval_ms: int = Field(3_000, gt=0)
+    max_poll_interval_ms: int = Field(300_000, gt=0)
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    # Liveness: the loop must have made progress within this many seconds.
+    liveness_timeout_s: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _watermarks(self) -> WorkerSettings:
+        if self.resume_in_flight >= self.max_in_flight:
+            raise ValueError("worker.resume_in_flight must be below worker.max_in_flight")
+        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+            raise ValueError("worker.heartbeat_interval_ms must be below worker.session_timeout_ms")
+        if self.revoke_grace_s * 1000 >= self.max_poll_interval_ms:
+            raise ValueError("worker.revoke_grace_s must fit inside worker.max_poll_interval_ms")
+        return self
+
+
+class MetricsSettings(_Section):
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = Field(9400, ge=0, le=65535)
+
+
+_config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
+    "captionflow_config_file", default=None)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        frozen=True, extra="forbid", env_prefix=ENV_PREFIX, env_nested_delimiter="__",
+        nested_model_default_partial_update=True)
+
+    kafka: KafkaSettings = KafkaSettings()
+    topics: TopicSettings = TopicSettings()
+    video: VideoSettings = VideoSettings()
+    serving: ServingSettings = ServingSettings()
+    worker: WorkerSettings = WorkerSettings()
+    metrics: MetricsSettings = MetricsSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _config_file.get()
+        if path is not None:
+            if path.suffix == ".toml":
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+            else:
+                sources.append(JsonConfigSettingsSource(settings_cls, json_file=path))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, config_file: str | Path | None = None,
+             overrides: dict[str, Any] | None = None) -> Settings:
+        """Build the settings once; raise :class:`ConfigError` with every problem listed."""
+        path = config_file or os.environ.get(f"{ENV_PREFIX}CONFIG")
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file {path} does not exist")
+            if path.suffix not in (".toml", ".json"):
+                raise ConfigError(f"config file {path} must be .toml or .json")
+        token = _config_file.set(path)
+        try:
+            return cls(**_nest(overrides or {}))
+        except ValidationError as e:
+            raise ConfigError(_explain(e)) from e
+        finally:
+            _config_file.reset(token)
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"serving.max_tokens": 5}`` -> ``{"serving": {"max_tokens": 5}}``; None is dropped."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        if value is None:
+            continue
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def _explain(e: ValidationError) -> str:
+    lines = ["invalid settings:"]
+    for err in e.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "settings"
+        env = ENV_PREFIX + "__".join(str(p) for p in err["loc"]).upper()
+        lines.append(f"  {where}: {err['msg']} (env {env})")
+    return "\n".join(lines)
+
+
+def setting_names() -> set[str]:
+    """Every dotted setting name, e.g. ``worker.max_batch_size`` (deploy files are checked
+    against these)."""
+    names = set()
+    for section, field in Settings.model_fields.items():
+        for name in field.annotation.model_fields:  # type: ignore[union-attr]
+            names.add(f"{section}.{name}")
+    return names

@@ -1,0 +1,1 @@
+"""Consuming: the worker's data path and the subscriber."""

@@ -1,0 +1,82 @@
+"""Reading the caption (and dead-letter) topics: JSONL out, for people and scripts."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.structs import ConsumerRecord
+
+from captionflow.config import KafkaSettings
+from captionflow.kafka import make_consumer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SubscribeResult:
+    records: int
+    timed_out: bool
+
+
+async def subscribe(kafka: KafkaSettings, topics: Sequence[str], *,
+                    sink: Callable[[ConsumerRecord[bytes, bytes]], None],
+                    from_beginning: bool = True, count: int | None = None,
+                    timeout_s: float | None = None, group_id: str | None = None,
+                    ) -> SubscribeResult:
+    """Hand each record of ``topics`` to ``sink`` until ``count`` records or ``timeout_s``.
+
+    Without ``group_id`` every partition is read directly and nothing is committed; with
+    one, the consumer joins that group and commits each record once ``sink`` returned.
+    """
+    reset = "earliest" if from_beginning else "latest"
+    if group_id is None:
+        consumer = make_consumer(kafka, client_suffix="-subscriber", enable_auto_commit=False,
+                                 auto_offset_reset=reset)
+    else:
+        consumer = make_consumer(kafka, *topics, client_suffix="-subscriber", group_id=group_id,
+                                 enable_auto_commit=False, auto_offset_reset=reset)
+    await consumer.start()
+    seen = 0
+    try:
+        if group_id is None:
+            await _assign_all(consumer, topics, from_beginning=from_beginning)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        while count is None or seen < count:
+            wait_ms = 500
+            if deadline is not None:
+                left = deadline - loop.time()
+                if left <= 0:
+                    return SubscribeResult(seen, timed_out=True)
+                wait_ms = max(1, min(wait_ms, int(left * 1000)))
+            limit = None if count is None else count - seen
+            batches = await consumer.getmany(timeout_ms=wait_ms, max_records=limit)
+            for tp, records in batches.items():
+                for record in records:
+                    sink(record)
+                    seen += 1
+                if group_id is not None and records:
+                    await consumer.commit({tp: records[-1].offset + 1})
+        return SubscribeResult(seen, timed_out=False)
+    finally:
+        await consumer.stop()
+
+
+async def _assign_all(consumer: AIOKafkaConsumer, topics: Sequence[str], *,
+                      from_beginning: bool) -> None:
+    partitions = []
+    for topic in topics:
+        found = consumer.partitions_for_topic(topic)
+        if not found:
+            await consumer._client.force_metadata_update()  # noqa: SLF001 - no public API
+            found = consumer.partitions_for_topic(topic) or set()
+        partitions += [TopicPartition(topic, p) for p in sorted(found)]
+    consumer.assign(partitions)
+    if from_beginning:
+        await consumer.seek_to_beginning(*partitions)
+    else:
+        await consumer.seek_to_end(*partitions)

@@ -1,0 +1,202 @@
+"""The event contract: what goes into the input topic and what comes out.
+
+Input rows are DataFlow-MM compatible (``video``, ``conversation``, optional ``image``).
+JSON Schema files generated from these models ship in ``captionflow/schemas/json`` for
+producers written in other languages.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from captionflow.errors import ErrorCode
+
+SCHEMA_VERSION = 1
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class Turn(_Model):
+    """One DataFlow conversation turn: ``{"from": "human", "value": "..."}``."""
+
+    from_: str = Field(alias="from", min_length=1, examples=["human"])
+    value: str = ""
+
+
+class SamplingOptions(_Model):
+    """Per-event overrides of the generation settings."""
+
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    seed: int | None = None
+
+
+class EventOptions(_Model):
+    """Per-event overrides; the worker clamps them to its configured limits."""
+
+    prompt: str | None = Field(None, description="Overrides the conversation's human turn.")
+    fps: float | None = Field(None, gt=0)
+    nframes: int | None = Field(None, ge=2)
+    min_frames: int | None = Field(None, ge=1)
+    max_frames: int | None = Field(None, ge=2)
+    min_pixels: int | None = Field(None, gt=0)
+    max_pixels: int | None = Field(None, gt=0)
+    total_pixels: int | None = Field(None, gt=0)
+    start_s: float | None = Field(None, ge=0)
+    end_s: float | None = Field(None, gt=0)
+    sampling: SamplingOptions | None = None
+
+    def frame_overrides(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"prompt", "sampling"}, exclude_none=True)
+
+
+def _default_conversation() -> list[Turn]:
+    return [Turn(from_="human", value="")]
+
+
+class VideoEvent(_Model):
+    """A request to caption one video."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    id: str = Field(min_length=1, max_length=256,
+                    description="Idempotency key; caption and dead-letter events carry it.")
+    video: list[str] = Field(
+        min_length=1, max_length=1,
+        description="One video reference (DataFlow rows hold a one-element list; a bare string "
+                    "is accepted): a path under the worker's allowed roots, file://, http(s)://")
+    image: list[str] | None = Field(
+        None, description="DataFlow's optional image field; carried through to the caption event.")
+    conversation: list[Turn] = Field(default_factory=_default_conversation)
+    options: EventOptions | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict,
+                                     description="Opaque; copied into the caption event.")
+
+    @field_validator("video", "image", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("video")
+    @classmethod
+    def _non_blank(cls, value: list[str]) -> list[str]:
+        if any(not ref.strip() for ref in value):
+            raise ValueError("video references must not be blank")
+        return value
+
+    @property
+    def reference(self) -> str:
+        return self.video[0]
+
+    def prompt(self, default_prompt: str) -> str:
+        """The user text: the options' prompt, else the first human turn, else the default."""
+        if self.options is not None and self.options.prompt:
+            return self.options.prompt
+        for turn in self.conversation:
+            if turn.from_ == "human" and turn.value.strip():
+                return turn.value
+        return default_prompt
+
+    def conversation_with_prompt(self, prompt: str) -> list[Turn]:
+        """The conversation as DataFlow writes it back: the first human turn holds the prompt
+        actually used."""
+        turns = list(self.conversation)
+        for i, turn in enumerate(turns):
+            if turn.from_ == "human":
+                turns[i] = Turn(from_="human", value=prompt)
+                return turns
+        return [Turn(from_="human", value=prompt), *turns]
+
+
+class SourceCoordinates(_Model):
+    topic: str
+    partition: int
+    offset: int
+
+
+class TokenUsage(_Model):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class VideoInfo(_Model):
+    """Facts about the source video and what was sampled from it."""
+
+    duration_s: float
+    source_fps: float
+    total_frames: int
+    width: int
+    height: int
+    codec: str
+    rotation_deg: int = 0
+    frames_sampled: int
+    sample_fps: float
+    frame_width: int
+    frame_height: int
+
+
+class StageTimings(_Model):
+    fetch_decode_ms: float = 0.0
+    queue_ms: float = 0.0
+    inference_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+class WindowCaption(_Model):
+    """A caption of one window of a long video (dense captions)."""
+
+    index: int
+    start_s: float
+    end_s: float
+    caption: str
+    finish_reason: str
+    usage: TokenUsage
+
+
+class CaptionEvent(_Model):
+    """The caption of one video event, keyed by the event id."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    id: str
+    video: list[str]
+    image: list[str] | None = None
+    conversation: list[Turn]
+    caption: str
+    model: str
+    finish_reason: str
+    usage: TokenUsage
+    video_info: VideoInfo | None = None
+    windows: list[WindowCaption] | None = None
+    timings: StageTimings = StageTimings()
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    source: SourceCoordinates | None = None
+    attempts: int = 1
+    worker: str | None = None
+    created_at: str = Field(description="RFC 3339 UTC time the caption was made.")
+
+
+class ErrorInfo(_Model):
+    code: ErrorCode
+    message: str
+    retriable: bool
+    attempts: int = 1
+
+
+class DeadLetterEvent(_Model):
+    """A record that could not be captioned, with why, and the raw payload to replay it."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    id: str | None = Field(None, description="The event id, when the payload had a usable one.")
+    error: ErrorInfo
+    payload: str = Field(description="The raw record value, as text or base64 (see encoding).")
+    payload_encoding: Literal["utf-8", "base64"] = "utf-8"
+    key: str | None = None
+    source: SourceCoordinates | None = None
+    worker: str | None = None
+    created_at: str
