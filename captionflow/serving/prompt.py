@@ -1,0 +1,65 @@
+"""The chat prompt every backend sends: system text, one video, the user's text.
+
+One place builds the messages, so the in-process engine, the remote server and the
+transformers backend render the same prompt through the model's own chat template.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from captionflow.config import DEFAULT_PROMPT, DEFAULT_SYSTEM_PROMPT
+from captionflow.video.clip import Clip
+
+
+def user_text(prompt: str | None, default_prompt: str = DEFAULT_PROMPT) -> str:
+    """The user's text, or the default caption prompt when it is empty or blank."""
+    return prompt if prompt and prompt.strip() else default_prompt
+
+
+def build_messages(prompt: str | None, *, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+                   default_prompt: str = DEFAULT_PROMPT,
+                   video_part: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Chat messages with the video before the text, as Qwen2.5-VL was trained.
+
+    ``video_part`` replaces the bare ``{"type": "video"}`` placeholder, e.g. with an
+    OpenAI ``video_url`` part for a remote server.
+    """
+    messages: list[dict[str, Any]] = []
+    if system_prompt:
+        messages.append({"role": "system", "content": system_prompt})
+    messages.append({"role": "user", "content": [
+        video_part or {"type": "video"},
+        {"type": "text", "text": user_text(prompt, default_prompt)},
+    ]})
+    return messages
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
+    """The prompt text from the model's chat template, ending with the assistant turn."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if not isinstance(text, str):
+        raise TypeError(f"chat template rendered {type(text).__name__}, expected str")
+    return text
+
+
+def video_metadata(clip: Clip) -> dict[str, Any]:
+    """Metadata for the ``(frames, metadata)`` tuple, normalised so that the processor's
+    ``sampled_fps`` (len(frames_indices) / total_num_frames * fps) is exactly the clip's
+    ``sample_fps``.
+
+    Qwen2.5-VL's temporal position ids use ``second_per_grid_ts = temporal_patch_size /
+    sampled_fps``. Describing the clip in its own frame numbering keeps that right for
+    windows of a long video too, where the source's total frame count would shrink the rate.
+    """
+    if clip.sample_fps <= 0:
+        raise ValueError(f"clip.sample_fps must be positive, got {clip.sample_fps}")
+    n = clip.num_frames
+    return {
+        "fps": float(clip.sample_fps),
+        "duration": n / float(clip.sample_fps),
+        "total_num_frames": n,
+        "frames_indices": list(range(n)),
+        "video_backend": "pyav",
+        "do_sample_frames": False,
+    }

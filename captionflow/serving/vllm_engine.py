@@ -1,0 +1,237 @@
+"""The production backend: Qwen2.5-VL on vLLM's in-process AsyncLLMEngine (``AsyncLLM``).
+
+Concurrent ``caption`` calls are batched by vLLM's continuous batching. Every call is keyed
+by its ``request_id``, which vLLM carries through to the output, so a result can only come
+back to the call that sent it. When the engine dies (or is shut down) every waiting call
+fails with :class:`EngineDeadError` instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from captionflow.config import ServingSettings
+from captionflow.errors import (
+    CaptionflowError,
+    ConfigError,
+    EngineDeadError,
+    EngineOverloadedError,
+    EngineRequestFailedError,
+    InvalidRequestError,
+    PromptTooLongError,
+)
+from captionflow.serving.base import SAMPLING_KEYS, CaptionBackend, CaptionRequest, CaptionResult
+from captionflow.serving.engine_setup import (
+    check_engine_limits,
+    engine_args,
+    on_cpu,
+    prepare_vllm_environment,
+)
+from captionflow.serving.prompt import build_messages, render_prompt, video_metadata
+
+log = logging.getLogger(__name__)
+
+# How often the watchdog asks the engine whether it is still alive.
+_WATCH_INTERVAL_S = 0.5
+
+
+def sampling_values(settings: ServingSettings, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The settings' sampling defaults with a request's overrides applied; unknown keys are
+    the caller's mistake and fail that request alone."""
+    unknown = set(overrides) - SAMPLING_KEYS
+    if unknown:
+        raise InvalidRequestError(
+            f"unknown sampling option(s) {sorted(unknown)}; allowed: {sorted(SAMPLING_KEYS)}")
+    values = {key: getattr(settings, key) for key in SAMPLING_KEYS}
+    values.update(overrides)
+    return values
+
+
+class VllmBackend(CaptionBackend):
+    name = "vllm"
+
+    def __init__(self, settings: ServingSettings) -> None:
+        self.settings = settings
+        self._engine: Any = None
+        self._tokenizer: Any = None
+        self._dead: EngineDeadError | None = None
+        self._dead_event = asyncio.Event()
+        self._watchdog: asyncio.Task[None] | None = None
+        self._in_flight: set[str] = set()
+
+    @property
+    def engine(self) -> Any:
+        """The underlying ``AsyncLLM`` (for metrics and tests); None before ``start``."""
+        return self._engine
+
+    async def start(self) -> None:
+        if self._engine is not None:
+            return
+        prepare_vllm_environment(self.settings.work_dir)
+        check_engine_limits(self.settings, cpu=on_cpu())
+        from vllm import AsyncLLMEngine
+
+        args = engine_args(self.settings)
+        try:
+            self._engine = AsyncLLMEngine.from_engine_args(args)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(
+                f"vLLM refused the serving settings for {self.settings.model}: {e}") from e
+        except Exception as e:
+            raise EngineDeadError(f"vLLM engine failed to start for {self.settings.model}: "
+                                  f"{type(e).__name__}: {e}") from e
+        self._tokenizer = self._engine.get_tokenizer()
+        self._watchdog = asyncio.create_task(self._watch(), name="vllm-engine-watchdog")
+        log.info("vLLM engine ready: model=%s max_model_len=%d", self.settings.model,
+                 self.settings.max_model_len)
+
+    async def close(self) -> None:
+        """Fail every waiting call with EngineDeadError, then shut the engine down."""
+        self._mark_dead(EngineDeadError("the vLLM engine was shut down"))
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+            self._watchdog = None
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            # Let the failed callers run before the synchronous shutdown holds the loop.
+            await asyncio.sleep(0)
+            engine.shutdown()
+
+    async def healthy(self) -> bool:
+        if self._engine is None or self._dead is not None:
+            return False
+        try:
+            await self._engine.check_health()
+        except Exception:
+            return False
+        return True
+
+    def model_info(self) -> dict[str, Any]:
+        return {"model": self.settings.served_model_name or self.settings.model,
+                "backend": self.name, "max_model_len": self.settings.max_model_len,
+                "dtype": self.settings.dtype}
+
+    def prompt_text(self, prompt: str | None) -> str:
+        """The full chat-templated prompt for a user's text (video placeholder included)."""
+        if self._tokenizer is None:
+            raise EngineDeadError("the vLLM backend is not started; call start() first")
+        messages = build_messages(prompt, system_prompt=self.settings.system_prompt,
+                                  default_prompt=self.settings.default_prompt)
+        return render_prompt(self._tokenizer, messages)
+
+    def sampling_params(self, overrides: dict[str, Any]) -> Any:
+        from vllm import SamplingParams
+
+        values = sampling_values(self.settings, overrides)
+        try:
+            return SamplingParams(**values)
+        except (ValueError, TypeError) as e:
+            raise InvalidRequestError(f"invalid sampling options {dict(overrides)}: {e}") from e
+
+    async def caption(self, request: CaptionRequest) -> CaptionResult:
+        if self._dead is not None:
+            raise self._dead
+        if self._engine is None:
+            raise EngineDeadError("the vLLM backend is not started; call start() first")
+        if request.request_id in self._in_flight:
+            raise InvalidRequestError(
+                f"request id {request.request_id!r} is already in flight; ids must be unique")
+        params = self.sampling_params(dict(request.sampling))
+        try:
+            metadata = video_metadata(request.clip)
+        except ValueError as e:
+            raise InvalidRequestError(str(e)) from e
+        inputs = {"prompt": self.prompt_text(request.prompt),
+                  "multi_modal_data": {"video": (request.clip.frames, metadata)}}
+        self._in_flight.add(request.request_id)
+        run = asyncio.ensure_future(self._generate(request.request_id, inputs, params))
+        dead = asyncio.ensure_future(self._dead_event.wait())
+        try:
+            await asyncio.wait({run, dead}, return_when=asyncio.FIRST_COMPLETED)
+            if run.done():
+                return run.result()
+            run.cancel()
+            with contextlib.suppress(BaseException):
+                await run
+            assert self._dead is not None
+            raise EngineDeadError(
+                f"request {request.request_id}: {self._dead.message}") from self._dead
+        finally:
+            dead.cancel()
+            if not run.done():
+                run.cancel()
+            self._in_flight.discard(request.request_id)
+
+    async def _generate(self, request_id: str, inputs: dict[str, Any],
+                        params: Any) -> CaptionResult:
+        started = time.perf_counter()
+        final = None
+        try:
+            async for output in self._engine.generate(inputs, params, request_id=request_id):
+                final = output
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            raise self._map_error(request_id, e) from e
+        if final is None or not final.finished or not final.outputs:
+            raise EngineRequestFailedError(f"request {request_id}: vLLM returned no output")
+        if final.request_id != request_id:
+            # vLLM keys outputs by id; a different id here would mean a wrong caption.
+            raise EngineRequestFailedError(
+                f"request {request_id}: vLLM returned the output of {final.request_id}")
+        choice = final.outputs[0]
+        elapsed_ms = (time.perf_counter() - started) * 1000.0
+        queue_ms = 0.0
+        stats = getattr(final, "metrics", None)
+        if stats is not None and getattr(stats, "scheduled_ts", 0) and stats.queued_ts:
+            queue_ms = max(0.0, (stats.scheduled_ts - stats.queued_ts) * 1000.0)
+        prompt_ids = tuple(final.prompt_token_ids or ())
+        return CaptionResult(
+            request_id=request_id, text=choice.text,
+            finish_reason=str(choice.finish_reason or "stop"),
+            prompt_tokens=len(prompt_ids), completion_tokens=len(choice.token_ids),
+            token_ids=tuple(choice.token_ids), queue_ms=queue_ms,
+            inference_ms=max(0.0, elapsed_ms - queue_ms), prompt_token_ids=prompt_ids)
+
+    def _map_error(self, request_id: str, e: Exception) -> CaptionflowError:
+        from vllm.exceptions import GracefulHTTPError, VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead
+
+        cause = e.__cause__ if e.__cause__ is not None else e
+        text = f"{type(cause).__name__}: {cause}"
+        if isinstance(e, VllmEngineDead) or (self._engine is not None and self._engine.errored):
+            err = EngineDeadError(f"request {request_id}: the vLLM engine died ({text})")
+            self._mark_dead(err)
+            return err
+        if "longer than the maximum model length" in str(cause) or \
+                "exceeds the maximum" in str(cause):
+            return PromptTooLongError(
+                f"request {request_id}: {cause} Send fewer frames or pixels "
+                "(video.max_frames, video.max_pixels) or raise serving.max_model_len.")
+        if isinstance(cause, GracefulHTTPError):
+            return EngineOverloadedError(f"request {request_id}: engine queue is full ({text})")
+        if isinstance(cause, (VLLMClientError, ValueError, TypeError)):
+            return InvalidRequestError(f"request {request_id}: vLLM rejected it ({text})")
+        return EngineRequestFailedError(f"request {request_id}: {text}")
+
+    def _mark_dead(self, error: EngineDeadError) -> None:
+        if self._dead is None:
+            self._dead = error
+            self._dead_event.set()
+
+    async def _watch(self) -> None:
+        # A dead engine core fails its own waiters too, but only once they read their queue;
+        # the watchdog also catches a death while nothing is reading.
+        while self._dead is None:
+            await asyncio.sleep(_WATCH_INTERVAL_S)
+            engine = self._engine
+            if engine is not None and engine.errored:
+                log.error("vLLM engine core died; failing %d in-flight request(s)",
+                          len(self._in_flight))
+                self._mark_dead(EngineDeadError("the vLLM engine core died"))
