@@ -64,19 +64,23 @@ def broker(
     t = settings.topics
     b = EmbeddedBroker(port=port or None, topics=(t.input, t.output, t.dead_letter),
                        partitions=t.partitions)
-    try:
-        b.start()
-    except CaptionflowError as e:
-        raise fail(e) from e
-    print(f"bootstrap servers: {b.bootstrap_servers}", flush=True)
-    err.print(f"topics {t.input}, {t.output}, {t.dead_letter} ({t.partitions} partitions); "
-              f"export CAPTIONFLOW_KAFKA__BOOTSTRAP_SERVERS={b.bootstrap_servers} "
-              "CAPTIONFLOW_KAFKA__ENABLE_IDEMPOTENCE=false; Ctrl-C stops it")
 
     def interrupt(*_: object) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+    try:
+        b.start()
+    except CaptionflowError as e:
+        raise fail(e) from e
+    except KeyboardInterrupt:
+        b.stop()
+        return
+    print(f"bootstrap servers: {b.bootstrap_servers}", flush=True)
+    err.print(f"topics {t.input}, {t.output}, {t.dead_letter} ({t.partitions} partitions); "
+              f"export CAPTIONFLOW_KAFKA__BOOTSTRAP_SERVERS={b.bootstrap_servers} "
+              "CAPTIONFLOW_KAFKA__ENABLE_IDEMPOTENCE=false; Ctrl-C stops it")
+
     try:
         code = b.wait()
     except KeyboardInterrupt:

@@ -43,7 +43,7 @@ async def subscribe(kafka: KafkaSettings, topics: Sequence[str], *,
     seen = 0
     try:
         if group_id is None:
-            await _assign_all(consumer, topics, from_beginning=from_beginning)
+            await assign_all(consumer, topics, from_beginning=from_beginning)
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s
         while count is None or seen < count:
@@ -66,7 +66,7 @@ async def subscribe(kafka: KafkaSettings, topics: Sequence[str], *,
         await consumer.stop()
 
 
-async def _assign_all(consumer: AIOKafkaConsumer, topics: Sequence[str], *,
+async def assign_all(consumer: AIOKafkaConsumer, topics: Sequence[str], *,
                       from_beginning: bool) -> None:
     partitions = []
     for topic in topics:

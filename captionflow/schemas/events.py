@@ -7,9 +7,9 @@ producers written in other languages.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from captionflow.errors import ErrorCode
 
@@ -57,6 +57,19 @@ class EventOptions(_Model):
         return self.model_dump(exclude={"prompt", "sampling"}, exclude_none=True)
 
 
+# A bare string is accepted on input and stored as a one-element list.
+_OneVideo = Annotated[list[str], WithJsonSchema({
+    "anyOf": [{"type": "string", "minLength": 1},
+              {"type": "array", "items": {"type": "string", "minLength": 1},
+               "minItems": 1, "maxItems": 1}],
+    "description": "One video reference (DataFlow rows hold a one-element list; a bare string "
+                   "is accepted): a path under the worker's allowed roots, file://, http(s)://"})]
+_Images = Annotated[list[str] | None, WithJsonSchema({
+    "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}},
+              {"type": "null"}],
+    "description": "DataFlow's optional image field; carried through to the caption event."})]
+
+
 def _default_conversation() -> list[Turn]:
     return [Turn(from_="human", value="")]
 
@@ -67,12 +80,8 @@ class VideoEvent(_Model):
     schema_version: Literal[1] = SCHEMA_VERSION
     id: str = Field(min_length=1, max_length=256,
                     description="Idempotency key; caption and dead-letter events carry it.")
-    video: list[str] = Field(
-        min_length=1, max_length=1,
-        description="One video reference (DataFlow rows hold a one-element list; a bare string "
-                    "is accepted): a path under the worker's allowed roots, file://, http(s)://")
-    image: list[str] | None = Field(
-        None, description="DataFlow's optional image field; carried through to the caption event.")
+    video: _OneVideo = Field(min_length=1, max_length=1)
+    image: _Images = None
     conversation: list[Turn] = Field(default_factory=_default_conversation)
     options: EventOptions | None = None
     metadata: dict[str, Any] = Field(default_factory=dict,

@@ -1,0 +1,80 @@
+"""Reading what really landed on the broker: records and committed offsets."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiokafka import TopicPartition
+from aiokafka.structs import ConsumerRecord
+
+from captionflow.config import KafkaSettings
+from captionflow.consumer.subscriber import assign_all
+from captionflow.kafka import make_consumer
+
+
+async def read_topic(kafka: KafkaSettings, topic: str, *, expected: int,
+                     timeout_s: float = 30.0, settle_s: float = 0.5,
+                     ) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every record of ``topic`` from the beginning: waits until ``expected`` arrived (or the
+    timeout), then ``settle_s`` longer so that extra records (duplicates) are seen too."""
+    consumer = make_consumer(kafka, client_suffix="-test-reader", enable_auto_commit=False,
+                             auto_offset_reset="earliest")
+    await consumer.start()
+    records: list[ConsumerRecord[bytes, bytes]] = []
+    try:
+        await assign_all(consumer, [topic], from_beginning=True)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        settle_until: float | None = None
+        while True:
+            now = loop.time()
+            if len(records) >= expected and settle_until is None:
+                settle_until = now + settle_s
+            if now > deadline or (settle_until is not None and now > settle_until):
+                return records
+            batches = await consumer.getmany(timeout_ms=100)
+            for batch in batches.values():
+                records.extend(batch)
+    finally:
+        await consumer.stop()
+
+
+async def end_offsets(kafka: KafkaSettings, topic: str) -> dict[int, int]:
+    consumer = make_consumer(kafka, client_suffix="-test-probe", enable_auto_commit=False)
+    await consumer.start()
+    try:
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            await consumer._client.force_metadata_update()
+            parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in parts]
+        ends = await consumer.end_offsets(tps)
+        return {tp.partition: off for tp, off in ends.items()}
+    finally:
+        await consumer.stop()
+
+
+async def committed_offsets(kafka: KafkaSettings, topic: str, group_id: str) -> dict[int, int]:
+    """What ``group_id`` committed for each partition of ``topic`` (-1 if nothing)."""
+    consumer = make_consumer(kafka, client_suffix="-test-probe", group_id=group_id,
+                             enable_auto_commit=False)
+    await consumer.start()
+    try:
+        await consumer._client.force_metadata_update()
+        parts = consumer.partitions_for_topic(topic) or set()
+        out = {}
+        for p in sorted(parts):
+            c = await consumer.committed(TopicPartition(topic, p))
+            out[p] = -1 if c is None else c
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def wait_until(predicate, *, timeout_s: float = 30.0, interval_s: float = 0.1) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not await predicate():
+        if loop.time() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(interval_s)
