@@ -109,8 +109,8 @@ class SamplingPolicy:
         """First and last source frame index inside ``[start_s, end_s]`` (inclusive)."""
         if total_frames <= 0:
             raise VideoEmptyError("the video has no decodable frames")
-        if self.start_s is None and self.end_s is None:
-            return 0, total_frames - 1
+        if (self.start_s is None and self.end_s is None) or total_frames == 1:
+            return 0, total_frames - 1  # a still image has no time to cut
         max_duration_s = total_frames / video_fps
         start = 0
         end = total_frames - 1
