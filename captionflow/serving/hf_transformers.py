@@ -1,0 +1,142 @@
+"""The same model through Hugging Face transformers, for CPUs and debugging.
+
+``generate()`` runs in one worker thread at a time (one model, no batching); the event loop
+stays free. Greedy float32 output equals the vLLM backend's for the same clip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from captionflow.config import ServingSettings
+from captionflow.errors import (
+    ConfigError,
+    EngineDeadError,
+    EngineRequestFailedError,
+    InvalidRequestError,
+    PromptTooLongError,
+)
+from captionflow.serving.base import CaptionBackend, CaptionRequest, CaptionResult
+from captionflow.serving.prompt import build_messages, render_prompt, video_metadata
+from captionflow.serving.vllm_engine import sampling_values
+
+
+class TransformersBackend(CaptionBackend):
+    name = "transformers"
+
+    def __init__(self, settings: ServingSettings) -> None:
+        self.settings = settings
+        self._model: Any = None
+        self._processor: Any = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._closed = False
+
+    async def start(self) -> None:
+        if self._model is not None:
+            return
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-generate")
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._pool, self._load)
+
+    def _load(self) -> None:
+        import torch
+        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+        dtype = self.settings.dtype
+        torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype, None)
+        if torch_dtype is None:
+            raise ConfigError(f"serving.dtype={dtype!r} is not a torch dtype; use auto, "
+                              "float32, bfloat16 or float16")
+        kwargs: dict[str, Any] = {"trust_remote_code": self.settings.trust_remote_code}
+        if self.settings.download_dir:
+            kwargs["cache_dir"] = str(self.settings.download_dir)
+        self._processor = AutoProcessor.from_pretrained(self.settings.model, **kwargs)
+        self._model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            self.settings.model, dtype=torch_dtype, **kwargs).eval()
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._model = None
+
+    async def healthy(self) -> bool:
+        return self._model is not None and not self._closed
+
+    def model_info(self) -> dict[str, Any]:
+        return {"model": self.settings.served_model_name or self.settings.model,
+                "backend": self.name, "dtype": self.settings.dtype}
+
+    def processor_inputs(self, request: CaptionRequest) -> Any:
+        """What the Hugging Face processor makes of a request (token ids, pixels, grids,
+        ``second_per_grid_ts``); tests compare it with what the engines see."""
+        messages = build_messages(request.prompt, system_prompt=self.settings.system_prompt,
+                                  default_prompt=self.settings.default_prompt)
+        text = render_prompt(self._processor.tokenizer, messages)
+        metadata = {k: v for k, v in video_metadata(request.clip).items()
+                    if k != "do_sample_frames"}
+        return self._processor(text=[text], videos=[request.clip.frames],
+                               video_metadata=[metadata], do_sample_frames=False,
+                               return_tensors="pt")
+
+    async def caption(self, request: CaptionRequest) -> CaptionResult:
+        if self._closed or self._pool is None:
+            raise EngineDeadError("the transformers backend is closed; call start() first")
+        values = sampling_values(self.settings, dict(request.sampling))
+        loop = asyncio.get_running_loop()
+        queued = time.perf_counter()
+        try:
+            return await loop.run_in_executor(
+                self._pool, self._generate, request, values, queued)
+        except RuntimeError as e:
+            if self._closed:
+                raise EngineDeadError("the transformers backend was closed") from e
+            raise EngineRequestFailedError(f"request {request.request_id}: {e}") from e
+
+    def _generate(self, request: CaptionRequest, values: dict[str, Any],
+                  queued: float) -> CaptionResult:
+        import torch
+
+        started = time.perf_counter()
+        try:
+            inputs = self.processor_inputs(request)
+        except ValueError as e:
+            raise InvalidRequestError(f"request {request.request_id}: {e}") from e
+        prompt_ids = inputs["input_ids"][0]
+        limit = self.settings.max_model_len
+        if len(prompt_ids) >= limit:
+            raise PromptTooLongError(
+                f"request {request.request_id}: prompt of {len(prompt_ids)} tokens does not "
+                f"fit serving.max_model_len={limit}; send fewer frames or pixels")
+        max_new = min(int(values["max_tokens"]), limit - len(prompt_ids))
+        greedy = float(values["temperature"]) == 0.0
+        gen: dict[str, Any] = {"max_new_tokens": max_new, "do_sample": not greedy,
+                               "repetition_penalty": float(values["repetition_penalty"])}
+        if not greedy:
+            gen.update(temperature=float(values["temperature"]), top_p=float(values["top_p"]))
+            if values["top_k"] and int(values["top_k"]) > 0:
+                gen["top_k"] = int(values["top_k"])
+            if values["seed"] is not None:
+                torch.manual_seed(int(values["seed"]))
+        model_dtype = self._model.dtype
+        inputs = {k: (v.to(model_dtype) if k.startswith("pixel_values") else v)
+                  for k, v in inputs.items()}
+        with torch.inference_mode():
+            out = self._model.generate(**inputs, **gen)
+        new_ids = out[0, len(prompt_ids):].tolist()
+        eos = self._model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos])
+        # Like vLLM, the stop token stays in token_ids and out of the text.
+        finish = "stop" if new_ids and new_ids[-1] in eos_ids else "length"
+        text = self._processor.tokenizer.decode(new_ids, skip_special_tokens=True)
+        done = time.perf_counter()
+        return CaptionResult(
+            request_id=request.request_id, text=text, finish_reason=finish,
+            prompt_tokens=len(prompt_ids), completion_tokens=len(new_ids),
+            token_ids=tuple(new_ids), queue_ms=(started - queued) * 1000.0,
+            inference_ms=(done - started) * 1000.0,
+            prompt_token_ids=tuple(prompt_ids.tolist()))

@@ -1,0 +1,231 @@
+"""A remote OpenAI-compatible chat-completions server (``vllm serve``) as the backend, so
+decode-heavy CPU workers and GPU servers scale apart.
+
+Frames travel either inline, as the sampled frames themselves (lossless PNG frames in
+vLLM's ``video/jpeg`` frame-sequence data URL, with the sampling fps in
+``media_io_kwargs``), or as a URL the server fetches and samples itself
+(``clip.extra["video_url"]``). Retries with exponential backoff on 429, 5xx and
+connection errors; concurrency is bounded; every error ends as a typed captionflow error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import time
+from typing import Any
+
+import httpx
+
+from captionflow.config import ServingSettings
+from captionflow.errors import (
+    CaptionflowError,
+    EngineDeadError,
+    EngineOverloadedError,
+    EngineRequestFailedError,
+    InvalidRequestError,
+    PromptTooLongError,
+)
+from captionflow.serving.base import CaptionBackend, CaptionRequest, CaptionResult
+from captionflow.serving.prompt import build_messages
+from captionflow.serving.vllm_engine import sampling_values
+from captionflow.video.clip import Clip
+
+log = logging.getLogger(__name__)
+
+_RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_FATAL_STATUS = frozenset({401, 403, 404})
+_TOO_LONG_MARKERS = ("maximum model length", "maximum context length", "too long")
+
+
+def frames_data_url(clip: Clip) -> str:
+    """The clip's frames as one ``data:video/jpeg;base64,...`` URL of comma-separated
+    frames. vLLM reads each part with PIL, so PNG parts keep the pixels exact."""
+    from PIL import Image
+
+    parts = []
+    for frame in clip.frames:
+        buf = io.BytesIO()
+        Image.fromarray(frame, mode="RGB").save(buf, format="PNG", compress_level=1)
+        parts.append(base64.b64encode(buf.getvalue()).decode("ascii"))
+    return "data:video/jpeg;base64," + ",".join(parts)
+
+
+class OpenAIBackend(CaptionBackend):
+    name = "openai"
+
+    def __init__(self, settings: ServingSettings, *,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.settings = settings
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+        self._slots = asyncio.Semaphore(settings.openai_max_concurrency)
+
+    @property
+    def model_name(self) -> str:
+        return self.settings.served_model_name or self.settings.model
+
+    async def start(self) -> None:
+        if self._client is not None:
+            return
+        headers = {}
+        if self.settings.openai_api_key is not None:
+            headers["Authorization"] = f"Bearer {self.settings.openai_api_key.get_secret_value()}"
+        timeout = httpx.Timeout(self.settings.openai_timeout_s,
+                                connect=min(10.0, self.settings.openai_timeout_s))
+        self._client = httpx.AsyncClient(
+            base_url=self.settings.openai_base_url.rstrip("/") + "/", headers=headers,
+            timeout=timeout, transport=self._transport)
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def healthy(self) -> bool:
+        if self._client is None:
+            return False
+        try:
+            response = await self._client.get("models", timeout=5.0)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    def model_info(self) -> dict[str, Any]:
+        return {"model": self.model_name, "backend": self.name,
+                "base_url": self.settings.openai_base_url}
+
+    def request_body(self, request: CaptionRequest) -> dict[str, Any]:
+        """The chat-completions body for one request (vLLM extensions included)."""
+        values = sampling_values(self.settings, dict(request.sampling))
+        clip = request.clip
+        media_io: dict[str, Any] = {}
+        if self.settings.openai_video_transport == "url":
+            url = clip.extra.get("video_url")
+            if not url:
+                raise InvalidRequestError(
+                    f"request {request.request_id}: serving.openai_video_transport='url' needs "
+                    "clip.extra['video_url'] (a URL the server can reach); use 'frames' to "
+                    "send the sampled frames inline")
+        else:
+            url = frames_data_url(clip)
+            # Frame count and rate of what we send, so the server neither drops frames
+            # (its default keeps 32) nor guesses the rate that drives the temporal ids.
+            media_io = {"video": {"num_frames": clip.num_frames, "fps": float(clip.sample_fps)}}
+        video_part = {"type": "video_url", "video_url": {"url": url}}
+        body: dict[str, Any] = {
+            "model": self.model_name,
+            "messages": build_messages(request.prompt, system_prompt=self.settings.system_prompt,
+                                       default_prompt=self.settings.default_prompt,
+                                       video_part=video_part),
+            "max_tokens": int(values["max_tokens"]),
+            "temperature": float(values["temperature"]),
+            "top_p": float(values["top_p"]),
+            "top_k": int(values["top_k"]),
+            "repetition_penalty": float(values["repetition_penalty"]),
+            "return_token_ids": True,
+        }
+        if values["seed"] is not None:
+            body["seed"] = int(values["seed"])
+        if media_io:
+            body["media_io_kwargs"] = media_io
+        return body
+
+    async def caption(self, request: CaptionRequest) -> CaptionResult:
+        if self._client is None:
+            raise EngineDeadError("the openai backend is not started; call start() first")
+        body = self.request_body(request)
+        queued = time.perf_counter()
+        async with self._slots:
+            started = time.perf_counter()
+            data = await self._post_with_retries(request.request_id, body)
+        done = time.perf_counter()
+        try:
+            choice = data["choices"][0]
+            text = choice["message"].get("content") or ""
+            usage = data.get("usage") or {}
+            token_ids = tuple(choice.get("token_ids") or ())
+            prompt_ids = tuple(data.get("prompt_token_ids") or ())
+            return CaptionResult(
+                request_id=request.request_id, text=text,
+                finish_reason=str(choice.get("finish_reason") or "stop"),
+                prompt_tokens=int(usage.get("prompt_tokens", len(prompt_ids))),
+                completion_tokens=int(usage.get("completion_tokens", len(token_ids))),
+                token_ids=token_ids, queue_ms=(started - queued) * 1000.0,
+                inference_ms=(done - started) * 1000.0, prompt_token_ids=prompt_ids)
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            raise EngineRequestFailedError(
+                f"request {request.request_id}: unexpected response from "
+                f"{self.settings.openai_base_url}: {str(data)[:300]}") from e
+
+    async def _post_with_retries(self, request_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        assert self._client is not None
+        attempts = self.settings.openai_max_retries + 1
+        last: CaptionflowError | None = None
+        for attempt in range(attempts):
+            if attempt:
+                await asyncio.sleep(self._backoff_s(attempt, last))
+            try:
+                response = await self._client.post(
+                    "chat/completions", json=body, headers={"X-Request-Id": request_id})
+            except httpx.TimeoutException as e:
+                last = EngineRequestFailedError(
+                    f"request {request_id}: no answer from {self.settings.openai_base_url} "
+                    f"within serving.openai_timeout_s={self.settings.openai_timeout_s}")
+                last.__cause__ = e
+                continue
+            except httpx.TransportError as e:
+                last = EngineRequestFailedError(
+                    f"request {request_id}: cannot reach {self.settings.openai_base_url} "
+                    f"({type(e).__name__}: {e}); check serving.openai_base_url")
+                last.__cause__ = e
+                continue
+            if response.status_code == 200:
+                return response.json()
+            last = self._status_error(request_id, response)
+            if response.status_code not in _RETRY_STATUS:
+                raise last
+            log.warning("request %s: %s answered %d (attempt %d/%d)", request_id,
+                        self.settings.openai_base_url, response.status_code, attempt + 1,
+                        attempts)
+        assert last is not None
+        raise last
+
+    def _backoff_s(self, attempt: int, last: CaptionflowError | None) -> float:
+        base_s = self.settings.openai_retry_backoff_ms / 1000.0
+        retry_after = getattr(last, "retry_after_s", None)
+        delay = base_s * (2 ** (attempt - 1))
+        return max(delay, retry_after) if retry_after is not None else delay
+
+    def _status_error(self, request_id: str, response: httpx.Response) -> CaptionflowError:
+        status = response.status_code
+        detail = _error_message(response)
+        where = f"request {request_id}: {self.settings.openai_base_url} answered {status}"
+        if status == 429:
+            err: CaptionflowError = EngineOverloadedError(f"{where} (overloaded): {detail}")
+            retry_after = response.headers.get("retry-after")
+            if retry_after and retry_after.replace(".", "", 1).isdigit():
+                err.retry_after_s = float(retry_after)  # type: ignore[attr-defined]
+            return err
+        if status in _FATAL_STATUS:
+            return EngineDeadError(
+                f"{where}: {detail} - check serving.openai_base_url, serving.openai_api_key and "
+                f"serving.served_model_name (sent model={self.model_name!r})")
+        if 400 <= status < 500:
+            if any(marker in detail.lower() for marker in _TOO_LONG_MARKERS):
+                return PromptTooLongError(f"{where}: {detail}")
+            return InvalidRequestError(f"{where}: {detail}")
+        return EngineRequestFailedError(f"{where}: {detail}")
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        data = response.json()
+    except ValueError:
+        return response.text[:500]
+    error = data.get("error", data) if isinstance(data, dict) else data
+    if isinstance(error, dict):
+        return str(error.get("message") or error)[:500]
+    return str(error)[:500]

@@ -1,0 +1,203 @@
+"""Serving pieces that need no engine: prompt, metadata, settings checks, the openai client's
+retry and error mapping (against an in-process HTTP transport), the tiny model files."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from captionflow.config import DEFAULT_PROMPT, ServingSettings
+from captionflow.errors import (
+    ConfigError,
+    EngineDeadError,
+    EngineOverloadedError,
+    EngineRequestFailedError,
+    InvalidRequestError,
+    PromptTooLongError,
+)
+from captionflow.serving import (
+    CaptionRequest,
+    OpenAIBackend,
+    TransformersBackend,
+    VllmBackend,
+    build_messages,
+    check_engine_limits,
+    make_backend,
+    render_prompt,
+    tiny_cpu_settings,
+    video_metadata,
+)
+from captionflow.serving.vllm_engine import sampling_values
+from tests.support.model_fixtures import synthetic_clip
+
+
+def test_seed_defaults_kept():
+    s = ServingSettings()
+    assert (s.model, s.tensor_parallel_size, s.temperature, s.top_p, s.max_tokens,
+            s.max_model_len, s.gpu_memory_utilization) == (
+        "Qwen/Qwen2.5-VL-7B-Instruct", 1, 0.7, 0.9, 2048, 51200, 0.9)
+
+
+def test_empty_prompt_becomes_default_and_video_comes_first():
+    messages = build_messages("  ")
+    assert messages[0] == {"role": "system", "content": "You are a helpful assistant."}
+    assert messages[1]["content"] == [{"type": "video"}, {"type": "text", "text": DEFAULT_PROMPT}]
+    assert build_messages("Count the cats.")[1]["content"][1]["text"] == "Count the cats."
+
+
+def test_chat_template_renders_qwen_prompt(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert render_prompt(tok, build_messages("")) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        "<|vision_start|><|video_pad|><|vision_end|>Please describe the video in detail."
+        "<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_tiny_model_files(tiny_model_dir):
+    assert tiny_model_dir.name == "qwen2.5-vl-tiny"
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    assert config["text_config"]["max_position_embeddings"] == 65536
+    tok = json.loads((tiny_model_dir / "tokenizer.json").read_text())
+    specials = {t["content"]: t["id"] for t in tok["added_tokens"]}
+    assert specials["<|video_pad|>"] == config["video_token_id"]
+    assert specials["<|vision_start|>"] == config["vision_start_token_id"]
+    assert len(specials) == 14
+
+
+@pytest.mark.parametrize("fps", [0.5, 2.0, 3.0])
+def test_metadata_makes_sampled_fps_exact(fps):
+    from transformers.video_utils import VideoMetadata
+
+    clip = synthetic_clip(0, frames=6, fps=fps)
+    meta = video_metadata(clip)
+    assert meta["do_sample_frames"] is False
+    vm = VideoMetadata(**{k: v for k, v in meta.items() if k != "do_sample_frames"})
+    assert vm.sampled_fps == pytest.approx(fps)
+
+
+def test_hf_processor_second_per_grid_ts(tiny_settings):
+    backend = TransformersBackend(tiny_settings)
+    from transformers import AutoProcessor
+
+    backend._processor = AutoProcessor.from_pretrained(tiny_settings.model)
+    inputs = backend.processor_inputs(CaptionRequest("r", synthetic_clip(1, fps=0.5), ""))
+    assert inputs["second_per_grid_ts"].tolist() == [4.0]  # temporal_patch_size / fps
+
+
+def test_sampling_overrides_and_unknown_keys():
+    s = ServingSettings(temperature=0.2)
+    values = sampling_values(s, {"seed": 7, "max_tokens": 5})
+    assert values["temperature"] == 0.2 and values["seed"] == 7 and values["max_tokens"] == 5
+    with pytest.raises(InvalidRequestError, match="unknown sampling option"):
+        sampling_values(s, {"beam_width": 4})
+
+
+def test_limits_explained_at_start_up(tiny_model_dir):
+    with pytest.raises(ConfigError, match="max_position_embeddings=65536"):
+        check_engine_limits(tiny_cpu_settings(tiny_model_dir, max_model_len=70000,
+                                              max_num_batched_tokens=70000), cpu=True)
+    with pytest.raises(ConfigError, match="kv_cache_memory_bytes"):
+        check_engine_limits(ServingSettings(model=str(tiny_model_dir)), cpu=True)
+    with pytest.raises(ConfigError, match="cannot hold one sequence"):
+        check_engine_limits(tiny_cpu_settings(tiny_model_dir, kv_cache_memory_bytes=1 << 20),
+                            cpu=True)
+    # The seed's max_model_len fits the tiny model, and GPU settings pass on a GPU.
+    check_engine_limits(tiny_cpu_settings(tiny_model_dir, max_model_len=51200,
+                                          max_num_batched_tokens=51200), cpu=True)
+    check_engine_limits(ServingSettings(model=str(tiny_model_dir)), cpu=False)
+
+
+def test_factory_picks_backend():
+    assert isinstance(make_backend(ServingSettings(backend="vllm")), VllmBackend)
+    assert isinstance(make_backend(ServingSettings(backend="openai")), OpenAIBackend)
+    assert isinstance(make_backend(ServingSettings(backend="transformers")), TransformersBackend)
+
+
+# --- openai client against an in-process HTTP transport ---------------------------------
+
+def _ok(request_id_seen: list[str]):
+    def handler(request: httpx.Request) -> httpx.Response:
+        request_id_seen.append(request.headers["x-request-id"])
+        return httpx.Response(200, json={
+            "choices": [{"message": {"content": "a cat"}, "finish_reason": "stop",
+                         "token_ids": [5, 6, 2]}],
+            "prompt_token_ids": [1, 2, 3], "usage": {"prompt_tokens": 3, "completion_tokens": 3}})
+    return handler
+
+
+def _backend(handler, **kw) -> OpenAIBackend:
+    settings = ServingSettings(backend="openai", model="m", openai_retry_backoff_ms=1, **kw)
+    return OpenAIBackend(settings, transport=httpx.MockTransport(handler))
+
+
+async def test_openai_retries_5xx_and_429_then_succeeds():
+    seen: list[str] = []
+    answers = iter([httpx.Response(503, text="busy"),
+                    httpx.Response(429, json={"error": {"message": "slow down"}})])
+
+    def handler(request):
+        return next(answers, None) or _ok(seen)(request)
+
+    async with _backend(handler) as backend:
+        result = await backend.caption(CaptionRequest("ev-1", synthetic_clip(0), ""))
+    assert result.request_id == "ev-1" and result.token_ids == (5, 6, 2)
+    assert result.prompt_token_ids == (1, 2, 3) and seen == ["ev-1"]
+
+
+async def test_openai_body_sends_exact_frames_and_fps():
+    bodies = []
+
+    def handler(request):
+        bodies.append(json.loads(request.content))
+        return _ok([])(request)
+
+    async with _backend(handler, seed=3) as backend:
+        await backend.caption(CaptionRequest("ev-2", synthetic_clip(0, frames=6, fps=1.5), ""))
+    body = bodies[0]
+    video = body["messages"][1]["content"][0]
+    assert video["type"] == "video_url"
+    assert video["video_url"]["url"].startswith("data:video/jpeg;base64,")
+    assert video["video_url"]["url"].count(",") == 6
+    assert body["media_io_kwargs"] == {"video": {"num_frames": 6, "fps": 1.5}}
+    assert body["seed"] == 3 and body["return_token_ids"] is True
+
+
+@pytest.mark.parametrize(("status", "message", "error"), [
+    (400, "The decoder prompt (length 9000) is longer than the maximum model length of 4096.",
+     PromptTooLongError),
+    (400, "top_p must be in (0, 1]", InvalidRequestError),
+    (404, "The model `x` does not exist.", EngineDeadError),
+    (429, "overloaded", EngineOverloadedError),
+    (500, "boom", EngineRequestFailedError),
+])
+async def test_openai_errors_are_typed(status, message, error):
+    calls = []
+
+    def handler(request):
+        calls.append(1)
+        return httpx.Response(status, json={"error": {"message": message}})
+
+    async with _backend(handler, openai_max_retries=2) as backend:
+        with pytest.raises(error, match="ev-3"):
+            await backend.caption(CaptionRequest("ev-3", synthetic_clip(0), ""))
+    assert len(calls) == (3 if status in (429, 500) else 1)
+
+
+async def test_openai_unreachable_server_is_a_clear_retriable_error():
+    def handler(request):
+        raise httpx.ConnectError("connection refused")
+
+    async with _backend(handler, openai_max_retries=1) as backend:
+        with pytest.raises(EngineRequestFailedError, match="openai_base_url") as info:
+            await backend.caption(CaptionRequest("ev-4", synthetic_clip(0), ""))
+    assert info.value.retriable
+
+
+async def test_openai_url_transport_needs_a_url():
+    async with _backend(_ok([]), openai_video_transport="url") as backend:
+        with pytest.raises(InvalidRequestError, match="video_url"):
+            await backend.caption(CaptionRequest("ev-5", synthetic_clip(0), ""))
