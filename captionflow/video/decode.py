@@ -8,8 +8,8 @@ Two passes over the file:
 2. ``decode_frames``: decode only what the sample needs. Codec threads run frame-parallel
    (``thread_type`` AUTO); packets that are not sampled are decoded with ``skip_frame``
    NONREF so the codec drops frames nothing depends on (h264/hevc, whose decoders apply the
-   setting per frame); when a whole GOP holds no sampled frame the demuxer seeks straight to
-   the next needed keyframe. Frames are scaled and converted to RGB by libswscale in
+   setting per frame); when the next sampled frame lies in a later GOP (and at least
+   ``_MIN_SEEK_GAP_FRAMES`` away) the demuxer seeks straight to its keyframe. Frames are scaled and converted to RGB by libswscale in
    ``frame.reformat``, one frame at a time, so only the sampled frames are ever held.
 
 If the fast path misses a frame (a stream whose index lies), the missing frames are decoded
@@ -36,6 +36,8 @@ from captionflow.video.clip import VideoFacts
 # Decoders that read skip_frame for every frame (others read it once at open, or ignore it).
 _SKIP_NONREF_CODECS = frozenset({"h264", "hevc"})
 _STILL_IMAGE_FPS = 25.0
+# A seek drains the frame-thread pipeline; below this many skipped frames it does not pay.
+_MIN_SEEK_GAP_FRAMES = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,10 +232,12 @@ def _decode_into(path: Path, index: VideoIndex, target_pts: list[int], got: dict
             if packet.size == 0:
                 continue
             pts = packet.pts if packet.pts is not None else packet.dts
-            if seek_ok and packet.is_keyframe and pts is not None:
+            if seek_ok and pts is not None:
                 gop_start = _gop_start(index.keyframe_pts, pending[0])
-                if gop_start > pts and gop_start not in seeked_to:
-                    # No sampled frame before gop_start: drain what is in flight, jump there.
+                if gop_start > _gop_start(index.keyframe_pts, pts) and \
+                        gop_start not in seeked_to and \
+                        _frames_between(index, pts, gop_start) >= _MIN_SEEK_GAP_FRAMES:
+                    # Nothing sampled before gop_start: drain what is in flight, jump there.
                     take(_drain(ctx, stats))
                     seeked_to.add(gop_start)
                     container.seek(gop_start, stream=stream, backward=True)
@@ -264,3 +268,7 @@ def _drain(ctx: av.VideoCodecContext, stats: DecodeStats) -> list[av.VideoFrame]
 def _gop_start(keyframe_pts: tuple[int, ...], pts: int) -> int:
     i = bisect.bisect_right(keyframe_pts, pts) - 1
     return keyframe_pts[max(i, 0)]
+
+
+def _frames_between(index: VideoIndex, from_pts: int, to_pts: int) -> int:
+    return bisect.bisect_left(index.pts, to_pts) - bisect.bisect_left(index.pts, from_pts)
