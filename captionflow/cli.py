@@ -197,6 +197,40 @@ def subscribe(
 
 
 @app.command()
+def serve(
+    config: ConfigOpt = None, bootstrap_servers: BootstrapOpt = None,
+    group: Annotated[str | None, typer.Option(help="Consumer group (worker.group_id).")] = None,
+    backend: Annotated[str | None, typer.Option(
+        help="vllm | openai | transformers (serving.backend).")] = None,
+    model: Annotated[str | None, typer.Option(help="Model name or path (serving.model).")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="metrics.port; 0 = any free.")] = None,
+    allowed_root: Annotated[list[Path] | None, typer.Option(
+        help="Directory local video paths must lie under (repeatable; video.allowed_roots).")
+    ] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run a worker: consume video events, caption them, publish caption events."""
+    from captionflow.consumer.service import Worker
+
+    setup_logging(verbose)
+    settings = load_settings(config, **{
+        "kafka.bootstrap_servers": bootstrap_servers, "worker.group_id": group,
+        "serving.backend": backend, "serving.model": model, "metrics.port": metrics_port,
+        "video.allowed_roots": tuple(allowed_root) if allowed_root else None})
+
+    async def run() -> int:
+        worker = Worker(settings)
+        worker.install_signal_handlers()
+        return await worker.run()
+
+    try:
+        code = asyncio.run(run())
+    except CaptionflowError as e:
+        raise fail(e, 2 if e.code == "config_invalid" else 1) from e
+    raise typer.Exit(code)
+
+
+@app.command()
 def schema(name: Annotated[str, typer.Argument(help="video | caption | dead-letter")]) -> None:
     """Print the JSON Schema of an event."""
     from captionflow.schemas import jsonschema

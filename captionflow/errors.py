@@ -33,6 +33,7 @@ class ErrorCode(StrEnum):
     ENGINE_DEAD = "engine_dead"
     # Publishing and everything else
     PUBLISH_FAILED = "publish_failed"
+    REBALANCE_FAILED = "rebalance_failed"
     CONFIG_INVALID = "config_invalid"
     BROKER_UNAVAILABLE = "broker_unavailable"
     INTERNAL = "internal"
@@ -161,6 +162,12 @@ class PublishFailedError(FatalError):
 
     code = ErrorCode.PUBLISH_FAILED
     retriable = True
+
+
+class RebalanceFailedError(FatalError):
+    """A partition handover could not be completed cleanly (drain or commit on revoke)."""
+
+    code = ErrorCode.REBALANCE_FAILED
 
 
 class InternalError(CaptionflowError):

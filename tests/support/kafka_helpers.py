@@ -40,16 +40,31 @@ async def read_topic(kafka: KafkaSettings, topic: str, *, expected: int,
 
 
 async def end_offsets(kafka: KafkaSettings, topic: str) -> dict[int, int]:
+    """The end (high-watermark) offset of each partition.
+
+    Read from fetch responses, not ListOffsets: Tansu 0.6 answers ListOffsets(latest) with
+    one past the *base offset of the last batch*, which is wrong once a batch holds several
+    records (docs/broker.md).
+    """
     consumer = make_consumer(kafka, client_suffix="-test-probe", enable_auto_commit=False)
     await consumer.start()
     try:
-        parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            await consumer._client.force_metadata_update()
-            parts = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in parts]
-        ends = await consumer.end_offsets(tps)
-        return {tp.partition: off for tp, off in ends.items()}
+        await assign_all(consumer, [topic], from_beginning=True)
+        tps = list(consumer.assignment())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        ends: dict[int, int] = {}
+        while loop.time() < deadline:
+            await consumer.getmany(timeout_ms=100)
+            for tp in tps:
+                hw = consumer.highwater(tp)
+                if hw is not None:
+                    ends[tp.partition] = hw
+            if len(ends) == len(tps):
+                positions = [await consumer.position(tp) for tp in tps]
+                if all(pos >= ends[tp.partition] for pos, tp in zip(positions, tps)):
+                    return ends
+        raise TimeoutError(f"could not read the end offsets of {topic}")
     finally:
         await consumer.stop()
 

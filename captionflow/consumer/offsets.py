@@ -1,0 +1,107 @@
+"""Which consumed records are finished, and how far each partition may be committed.
+
+A partition's commit point is the lowest offset still in flight, or one past the highest
+consumed offset when nothing is: every record below it has its output acknowledged by the
+broker. Offsets the consumer never saw (compaction, transaction markers) are skipped
+naturally because only consumed offsets are tracked.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable
+
+from aiokafka import TopicPartition
+
+
+class PartitionOffsets:
+    __slots__ = ("_heap", "_in_flight", "_next", "committed")
+
+    def __init__(self) -> None:
+        self._heap: list[int] = []
+        self._in_flight: set[int] = set()
+        self._next: int | None = None  # one past the highest consumed offset
+        self.committed: int | None = None
+
+    def add(self, offset: int) -> None:
+        if offset in self._in_flight:
+            return
+        self._in_flight.add(offset)
+        heapq.heappush(self._heap, offset)
+        if self._next is None or offset >= self._next:
+            self._next = offset + 1
+
+    def done(self, offset: int) -> None:
+        self._in_flight.discard(offset)
+        while self._heap and self._heap[0] not in self._in_flight:
+            heapq.heappop(self._heap)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def commit_point(self) -> int | None:
+        """The offset to commit (the next record to read after a restart), or None."""
+        if self._heap:
+            return self._heap[0]
+        return self._next
+
+    def pending_commit(self) -> int | None:
+        point = self.commit_point()
+        if point is None or (self.committed is not None and point <= self.committed):
+            return None
+        return point
+
+
+class OffsetTracker:
+    """Per-partition bookkeeping for every assigned partition."""
+
+    def __init__(self) -> None:
+        self._parts: dict[TopicPartition, PartitionOffsets] = {}
+
+    def assign(self, tps: Iterable[TopicPartition]) -> None:
+        for tp in tps:
+            self._parts.setdefault(tp, PartitionOffsets())
+
+    def drop(self, tps: Iterable[TopicPartition]) -> None:
+        for tp in tps:
+            self._parts.pop(tp, None)
+
+    def owns(self, tp: TopicPartition) -> bool:
+        return tp in self._parts
+
+    def partitions(self) -> list[TopicPartition]:
+        return list(self._parts)
+
+    def add(self, tp: TopicPartition, offset: int) -> None:
+        self._parts[tp].add(offset)
+
+    def done(self, tp: TopicPartition, offset: int) -> bool:
+        """Mark a record finished; False if its partition is no longer ours."""
+        part = self._parts.get(tp)
+        if part is None:
+            return False
+        part.done(offset)
+        return True
+
+    def in_flight(self, tps: Iterable[TopicPartition] | None = None) -> int:
+        if tps is None:
+            return sum(p.in_flight for p in self._parts.values())
+        return sum(self._parts[tp].in_flight for tp in tps if tp in self._parts)
+
+    def pending_commits(self, tps: Iterable[TopicPartition] | None = None,
+                        ) -> dict[TopicPartition, int]:
+        chosen = self._parts if tps is None else {tp: self._parts[tp] for tp in tps
+                                                  if tp in self._parts}
+        return {tp: point for tp, p in chosen.items()
+                if (point := p.pending_commit()) is not None}
+
+    def mark_committed(self, offsets: dict[TopicPartition, int]) -> None:
+        for tp, offset in offsets.items():
+            part = self._parts.get(tp)
+            if part is not None and (part.committed is None or offset > part.committed):
+                part.committed = offset
+
+    def committed(self, tp: TopicPartition) -> int | None:
+        part = self._parts.get(tp)
+        return None if part is None else part.committed

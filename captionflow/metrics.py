@@ -1,0 +1,82 @@
+"""Every metric a worker exports (catalogue: docs/metrics.md). One object, injected registry.
+
+Names follow Prometheus conventions: ``captionflow_`` prefix, ``_total`` counters,
+``_seconds`` durations. vLLM registers its own ``vllm:*`` metrics in the default registry;
+the worker's /metrics endpoint serves both.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+STAGES = ("fetch", "decode", "queue", "inference", "publish", "end_to_end")
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                     120.0, 300.0, 600.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        r = registry
+        self.events_consumed = Counter(
+            "captionflow_events_consumed_total", "Records read from the input topic.",
+            ["topic"], registry=r)
+        self.events_captioned = Counter(
+            "captionflow_events_captioned_total", "Caption events published.", registry=r)
+        self.events_dead_lettered = Counter(
+            "captionflow_events_dead_lettered_total",
+            "Dead-letter events published, by error code.", ["code"], registry=r)
+        self.events_retried = Counter(
+            "captionflow_events_retried_total", "Retries of retriable failures, by error code.",
+            ["code"], registry=r)
+        self.stage_seconds = Histogram(
+            "captionflow_stage_duration_seconds",
+            "Time per event in each stage (end_to_end: consumed to published).", ["stage"],
+            buckets=LATENCY_BUCKETS_S, registry=r)
+        self.batch_size = Histogram(
+            "captionflow_batch_size_events", "Events per micro-batch sent to the engine.",
+            buckets=BATCH_BUCKETS, registry=r)
+        self.in_flight = Gauge(
+            "captionflow_in_flight_events", "Consumed events not yet published.", registry=r)
+        self.paused_partitions = Gauge(
+            "captionflow_paused_partitions", "Assigned partitions paused by backpressure.",
+            registry=r)
+        self.assigned_partitions = Gauge(
+            "captionflow_assigned_partitions", "Partitions assigned to this worker.", registry=r)
+        self.consumer_lag = Gauge(
+            "captionflow_consumer_lag_records",
+            "Records between the committed offset and the end of the partition.",
+            ["topic", "partition"], registry=r)
+        self.tokens = Counter(
+            "captionflow_tokens_total", "Model tokens, by kind (prompt, completion).",
+            ["kind"], registry=r)
+        self.frames_decoded = Counter(
+            "captionflow_frames_decoded_total", "Frames sampled and sent to the model.",
+            registry=r)
+        self.rebalances = Counter(
+            "captionflow_rebalances_total", "Partition changes, by kind (assigned, revoked, lost).",
+            ["kind"], registry=r)
+        self.commits = Counter(
+            "captionflow_commits_total", "Offset commits, by result (ok, failed).", ["result"],
+            registry=r)
+        self.ready = Gauge(
+            "captionflow_ready", "1 when the broker and the engine answer.", registry=r)
+        self.last_progress = Gauge(
+            "captionflow_last_progress_timestamp_seconds",
+            "Unix time the worker loop last made progress.", registry=r)
+        self.info = Gauge(
+            "captionflow_worker_info", "Constant 1, labelled with what this worker runs.",
+            ["version", "backend", "model", "group"], registry=r)
+        for stage in STAGES:
+            self.stage_seconds.labels(stage)
+        for kind in ("prompt", "completion"):
+            self.tokens.labels(kind)
+        for kind in ("assigned", "revoked", "lost"):
+            self.rebalances.labels(kind)
+        for result in ("ok", "failed"):
+            self.commits.labels(result)
+
+    @classmethod
+    def fresh(cls) -> Metrics:
+        return cls(CollectorRegistry())
