@@ -127,11 +127,12 @@ class VllmBackend(CaptionBackend):
 
     def sampling_params(self, overrides: dict[str, Any]) -> Any:
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
 
         values = sampling_values(self.settings, overrides)
         try:
             return SamplingParams(**values)
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, VLLMClientError) as e:
             raise InvalidRequestError(f"invalid sampling options {dict(overrides)}: {e}") from e
 
     async def caption(self, request: CaptionRequest) -> CaptionResult:
