@@ -1,0 +1,60 @@
+"""One batch job over files: input rows from a DataFlow file, output rows to another, with
+checkpoints and resume from what that output already holds."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from captionflow.batch.files import CacheType, read_rows, write_rows
+from captionflow.batch.rows import RowKeys
+from captionflow.batch.runner import BatchReport, OnRow, caption_rows
+from captionflow.config import Settings
+from captionflow.errors import CaptionflowError
+from captionflow.serving.base import CaptionBackend
+
+log = logging.getLogger(__name__)
+
+
+def batch_video_settings(settings: Settings, input_path: str | Path) -> Settings:
+    """Batch rows name videos relative to where the user runs (DataFlow opens them as
+    written): with no ``video.allowed_roots`` configured, local paths may lie under the
+    current directory or the input file's directory."""
+    if settings.video.allowed_roots:
+        return settings
+    roots = tuple(dict.fromkeys((Path.cwd().resolve(), Path(input_path).resolve().parent)))
+    video = settings.video.model_copy(update={"allowed_roots": roots})
+    return settings.model_copy(update={"video": video})
+
+
+def previous_output(output_path: Path) -> list | None:
+    """The rows an earlier run left in ``output_path``; None (and a warning) when there are
+    none or the file cannot be read, so the run starts from scratch."""
+    if not output_path.is_file():
+        return None
+    try:
+        return read_rows(output_path)
+    except CaptionflowError as e:
+        log.warning("not resuming from %s: %s", output_path, e.message)
+        return None
+
+
+async def run_file(input_path: str | Path, output_path: str | Path, *, cache_type: CacheType,
+                   settings: Settings, backend: CaptionBackend, keys: RowKeys = RowKeys(),
+                   concurrency: int | None = None, resume: bool = True,
+                   on_row: OnRow | None = None,
+                   on_total: Callable[[int], None] | None = None,
+                   checkpoint_interval_s: float = 5.0) -> BatchReport:
+    """Caption every row of ``input_path`` into ``output_path`` (rows in input order)."""
+    rows = read_rows(input_path)
+    if on_total:
+        on_total(len(rows))
+    output_path = Path(output_path)
+    previous = previous_output(output_path) if resume else None
+    _, report = await caption_rows(
+        rows, settings=batch_video_settings(settings, input_path), backend=backend, keys=keys,
+        previous=previous, concurrency=concurrency, on_row=on_row,
+        checkpoint=lambda out: write_rows(output_path, out, cache_type),
+        checkpoint_interval_s=checkpoint_interval_s)
+    return report

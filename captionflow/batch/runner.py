@@ -1,0 +1,161 @@
+"""Caption a list of DataFlow rows concurrently through one backend.
+
+At most ``concurrency`` rows are between "decode started" and "caption received" at any
+time, so memory holds at most that many decoded videos. A bad row records its error and the
+run goes on; only a fatal error (dead engine) stops it, after a last checkpoint. Rows an
+earlier output already captioned are carried over, not captioned again. The backend is
+started on the first row that reaches the model, so a rerun with nothing left to caption
+starts no engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from captionflow.batch.caption import caption_event
+from captionflow.batch.files import UnparsableLine
+from captionflow.batch.rows import (
+    RowKeys,
+    already_captioned,
+    captioned_row,
+    failed_row,
+    resumed_row,
+    row_event,
+)
+from captionflow.config import Settings
+from captionflow.errors import CaptionflowError, FatalError, InternalError
+from captionflow.serving.base import CaptionBackend, CaptionRequest, CaptionResult
+from captionflow.video.source import FrameSource
+
+log = logging.getLogger(__name__)
+
+CAPTIONED, FAILED, SKIPPED = "captioned", "failed", "skipped"
+
+
+@dataclass
+class BatchReport:
+    total: int = 0
+    captioned: int = 0
+    skipped: int = 0
+    failed: Counter[str] = field(default_factory=Counter)
+    engine_started: bool = False
+    wall_s: float = 0.0
+
+    @property
+    def failed_total(self) -> int:
+        return sum(self.failed.values())
+
+    def summary(self) -> str:
+        failed = ", ".join(f"{code} {n}" for code, n in sorted(self.failed.items()))
+        return (f"{self.total} rows: captioned {self.captioned}, failed {self.failed_total}"
+                f"{f' ({failed})' if failed else ''}, skipped {self.skipped} (already "
+                f"captioned) in {self.wall_s:.1f} s")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"total": self.total, "captioned": self.captioned, "skipped": self.skipped,
+                "failed": dict(self.failed), "engine_started": self.engine_started,
+                "wall_s": round(self.wall_s, 3)}
+
+
+OnRow = Callable[[int, str], None]
+Checkpoint = Callable[[list[Any]], None]
+
+
+class _LazyBackend:
+    """Starts the backend once, on the first request, while other rows keep decoding."""
+
+    def __init__(self, backend: CaptionBackend, report: BatchReport) -> None:
+        self._backend = backend
+        self._report = report
+        self._lock = asyncio.Lock()
+        self._started = False
+
+    async def caption(self, request: CaptionRequest) -> CaptionResult:
+        if not self._started:
+            async with self._lock:
+                if not self._started:
+                    await self._backend.start()
+                    self._started = self._report.engine_started = True
+        return await self._backend.caption(request)
+
+
+async def caption_rows(rows: list[Any], *, settings: Settings, backend: CaptionBackend,
+                       keys: RowKeys = RowKeys(), previous: list[Any] | None = None,
+                       concurrency: int | None = None, on_row: OnRow | None = None,
+                       checkpoint: Checkpoint | None = None,
+                       checkpoint_interval_s: float = 5.0) -> tuple[list[Any], BatchReport]:
+    """Output rows (input order, one per input row) and the report.
+
+    ``previous`` is an earlier output of the same input (resume). ``checkpoint`` receives
+    the output so far (unfinished rows as they came in) every ``checkpoint_interval_s`` and
+    once at the end, also when a fatal error ends the run.
+    """
+    started = time.monotonic()
+    report = BatchReport(total=len(rows))
+    out: list[Any] = list(rows)
+    done = already_captioned(rows, previous or [], keys)
+    for i, prev in done.items():
+        out[i] = resumed_row(rows[i], prev, keys)
+        report.skipped += 1
+        if on_row:
+            on_row(i, SKIPPED)
+    todo = iter([i for i in range(len(rows)) if i not in done])
+    lazy = _LazyBackend(backend, report)
+    last_write = time.monotonic()
+
+    def finish(i: int, outcome: str) -> None:
+        nonlocal last_write
+        if on_row:
+            on_row(i, outcome)
+        if checkpoint and time.monotonic() - last_write >= checkpoint_interval_s:
+            checkpoint(out)
+            last_write = time.monotonic()
+
+    async def one(i: int, frames: FrameSource) -> None:
+        row = rows[i]
+        if isinstance(row, UnparsableLine):
+            out[i] = row.as_row()
+            report.failed["malformed_json"] += 1
+            return finish(i, FAILED)
+        try:
+            event = row_event(row, i, keys)
+            result = await caption_event(event, frames=frames, caption=lazy.caption,
+                                         settings=settings)
+        except FatalError:
+            raise
+        except Exception as e:
+            error = e if isinstance(e, CaptionflowError) else InternalError(
+                f"unexpected {type(e).__name__}: {e}")
+            if not isinstance(e, CaptionflowError):
+                log.exception("row %d: bug while captioning", i)
+            out[i] = failed_row(row, keys, error)
+            report.failed[error.code.value] += 1
+            return finish(i, FAILED)
+        out[i] = captioned_row(row, keys, prompt=result.prompt, caption=result.text)
+        report.captioned += 1
+        finish(i, CAPTIONED)
+
+    async def lane(frames: FrameSource) -> None:
+        for i in todo:  # the lanes share one iterator: each row is taken exactly once
+            await one(i, frames)
+
+    lanes = max(1, concurrency or settings.worker.max_in_flight)
+    try:
+        async with FrameSource(settings.video) as frames:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(min(lanes, len(rows) - len(done)) or 0):
+                    group.create_task(lane(frames))
+    except ExceptionGroup as eg:
+        # Rows catch their own errors, so only a fatal one (dead engine) gets here.
+        raise eg.exceptions[0] from None
+    finally:
+        report.wall_s = time.monotonic() - started
+        if checkpoint:
+            checkpoint(out)
+    return out, report
