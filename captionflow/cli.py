@@ -196,6 +196,10 @@ def subscribe(
         raise typer.Exit(1)
 
 
+def _exit_before_start(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 @app.command()
 def serve(
     config: ConfigOpt = None, bootstrap_servers: BootstrapOpt = None,
@@ -210,6 +214,10 @@ def serve(
     verbose: VerboseOpt = False,
 ) -> None:
     """Run a worker: consume video events, caption them, publish caption events."""
+    # Until the worker's own handlers are installed (after the heavy imports), a stop
+    # request simply ends the process: nothing has been consumed yet.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_before_start)
     from captionflow.consumer.service import Worker
 
     setup_logging(verbose)
@@ -228,6 +236,82 @@ def serve(
     except CaptionflowError as e:
         raise fail(e, 2 if e.code == "config_invalid" else 1) from e
     raise typer.Exit(code)
+
+
+@app.command()
+def run(
+    input_path: Annotated[Path, typer.Option(
+        "--input", "-i", help="DataFlow rows: a JSON list, or JSONL (one row per line).",
+        exists=True, dir_okay=False)],
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Output file; default {cache-path}/{prefix}_step{N}.{type}.")
+    ] = None,
+    cache_path: Annotated[Path, typer.Option(help="DataFlow FileStorage cache_path.")
+                          ] = Path("./cache"),
+    file_name_prefix: Annotated[str, typer.Option(help="DataFlow FileStorage file_name_prefix.")
+                                ] = "dataflow_cache_step",
+    cache_type: Annotated[str | None, typer.Option(
+        help="json | jsonl; default json, or --output's suffix.")] = None,
+    step: Annotated[int, typer.Option(help="Step number N of the output file.", min=1)] = 1,
+    input_video_key: Annotated[str, typer.Option()] = "video",
+    input_image_key: Annotated[str, typer.Option()] = "image",
+    input_conversation_key: Annotated[str, typer.Option()] = "conversation",
+    output_key: Annotated[str, typer.Option()] = "caption",
+    concurrency: Annotated[int | None, typer.Option(
+        help="Rows in flight at once (default worker.max_in_flight).", min=1)] = None,
+    resume: Annotated[bool, typer.Option(
+        help="Keep rows the output file already has captions for.")] = True,
+    fail_on_error: Annotated[bool, typer.Option(
+        "--fail-on-error", help="Exit 1 when any row failed.")] = False,
+    prompt: Annotated[str | None, typer.Option(
+        help="Prompt for rows whose human turn is empty (serving.default_prompt).")] = None,
+    backend: Annotated[str | None, typer.Option(
+        help="vllm | openai | transformers (serving.backend).")] = None,
+    model: Annotated[str | None, typer.Option(help="Model name or path (serving.model).")] = None,
+    allowed_root: Annotated[list[Path] | None, typer.Option(
+        help="Directory local video paths must lie under (repeatable; video.allowed_roots; "
+             "default: the current directory and the input file's).")] = None,
+    config: ConfigOpt = None, verbose: VerboseOpt = False,
+) -> None:
+    """Caption the videos of a DataFlow JSON/JSONL file into a DataFlow step file."""
+    from captionflow.batch.files import cache_type_of, check_cache_type, step_path
+    from captionflow.batch.job import run_file
+    from captionflow.batch.progress import row_progress
+    from captionflow.batch.rows import RowKeys
+    from captionflow.serving.factory import make_backend
+
+    setup_logging(verbose)
+    settings = load_settings(config, **{
+        "serving.backend": backend, "serving.model": model, "serving.default_prompt": prompt,
+        "video.allowed_roots": tuple(allowed_root) if allowed_root else None})
+    try:
+        kind = check_cache_type(cache_type or (cache_type_of(output) if output else "json"))
+        target = output or step_path(cache_path, file_name_prefix, step, kind)
+    except CaptionflowError as e:
+        raise fail(e, 2) from e
+    keys = RowKeys(video=input_video_key, image=input_image_key,
+                   conversation=input_conversation_key, output=output_key)
+    serving = make_backend(settings.serving)
+
+    async def go() -> Any:
+        try:
+            with row_progress(err) as progress:
+                return await run_file(input_path, target, cache_type=kind, settings=settings,
+                                      backend=serving, keys=keys, concurrency=concurrency,
+                                      resume=resume, on_row=progress.on_row,
+                                      on_total=progress.on_total)
+        finally:
+            await serving.close()
+
+    try:
+        report = asyncio.run(go())
+    except CaptionflowError as e:
+        raise fail(e, 2 if e.code in ("config_invalid", "schema_invalid") else 1) from e
+    err.print(f"{report.summary()} -> {target}")
+    print(orjson.dumps({"output": str(target), **report.as_dict()}).decode())
+    nothing_ran = report.total > 0 and report.captioned + report.skipped == 0
+    if nothing_ran or (fail_on_error and report.failed_total):
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -1,0 +1,70 @@
+"""The seed's example pipeline, imports changed only, run as a script on the CPU engine."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from captionflow.config import DEFAULT_PROMPT, ServingSettings
+from tests.support.corpus import CorpusFile
+from tests.test_batch_cli import REPO, engine_env, mixed_rows
+
+EXAMPLE = REPO / "examples" / "video_caption_pipeline.py"
+SEED_DOC = REPO.parent / "shared" / "seed" / "video_caption_pipeline.md"
+
+
+def _code_lines(text: str) -> list[str]:
+    return [line.rstrip() for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith(("from ", "import "))]
+
+
+@pytest.mark.skipif(not SEED_DOC.is_file(), reason="the seed document is not checked out here")
+def test_example_is_the_seed_example_with_only_its_imports_changed() -> None:
+    doc = SEED_DOC.read_text()
+    seed = re.findall(r"```python\n(.*?)```", doc.split("## 4. Pipeline Example")[1], re.S)[0]
+    ours = EXAMPLE.read_text()
+    assert _code_lines(ours) == _code_lines(seed)
+    imports = [line for line in ours.splitlines() if line.startswith(("from ", "import "))]
+    assert all(line.startswith("from captionflow.dataflow import") for line in imports)
+    assert len(imports) == 3
+
+
+@pytest.mark.slow
+def test_seed_example_runs_records_bad_rows_and_resumes(
+        tmp_path: Path, tiny_settings: ServingSettings,
+        video_corpus: dict[str, CorpusFile]) -> None:
+    rows, bad = mixed_rows(tmp_path, video_corpus)
+    entry = tmp_path / "dataflow" / "example" / "video_caption" / "sample_data.json"
+    entry.parent.mkdir(parents=True)
+    entry.write_bytes(orjson.dumps(rows))
+    script = tmp_path / "video_caption_pipeline.py"
+    script.write_text(EXAMPLE.read_text())
+    env = engine_env(tiny_settings, tmp_path / "vllm")
+
+    first = subprocess.run([sys.executable, script.name], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=280)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "captioned 3, failed 3" in first.stderr, first.stderr[-3000:]
+    out_path = tmp_path / "cache" / "video_caption_step1.json"
+    out = orjson.loads(out_path.read_bytes())
+    assert [r["video"] for r in out] == [r["video"] for r in rows]
+    for i, got in enumerate(out):
+        if i in bad:
+            assert got["caption"] is None and got["error"]["code"] == bad[i], got
+        else:
+            assert isinstance(got["caption"], str) and got["caption"], got
+            want = "What moves?" if i == 2 else DEFAULT_PROMPT
+            assert got["conversation"][0] == {"from": "human", "value": want}
+
+    before = out_path.read_bytes()
+    second = subprocess.run([sys.executable, script.name], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=280)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "captioned 0, failed 3" in second.stderr and "skipped 3" in second.stderr
+    assert "vLLM engine ready" not in second.stderr  # nothing left for the model
+    assert out_path.read_bytes() == before
