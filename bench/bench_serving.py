@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+# The synthetic clips come from the test support code beside this folder.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captionflow.serving import (
     CaptionRequest,
@@ -24,7 +28,7 @@ from captionflow.serving import (
 )
 from captionflow.serving.engine_setup import engine_args
 from captionflow.serving.prompt import video_metadata
-from tests.support.model_fixtures import synthetic_clip
+from tests.support.model_fixtures import synthetic_clip  # noqa: E402
 
 
 def _requests(n: int, frames: int) -> list[CaptionRequest]:
