@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from captionflow.errors import ErrorCode
+
 STAGES = ("fetch", "decode", "queue", "inference", "publish", "end_to_end")
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                      120.0, 300.0, 600.0)
@@ -76,6 +78,10 @@ class Metrics:
             self.rebalances.labels(kind)
         for result in ("ok", "failed"):
             self.commits.labels(result)
+        # Series exist from the start, so dashboards and rate() see 0 rather than nothing.
+        for code in (ErrorCode.FETCH_TIMEOUT, ErrorCode.FETCH_FAILED,
+                     ErrorCode.ENGINE_OVERLOADED, ErrorCode.ENGINE_FAILED):
+            self.events_retried.labels(code.value)
 
     @classmethod
     def fresh(cls) -> Metrics:

@@ -19,12 +19,16 @@ class HealthState:
         self.last_progress = time.monotonic()
         self.ready = False
         self.reason = "starting"
+        # Loading a large model can take minutes; liveness is judged once the loop runs
+        # (readiness keeps traffic away meanwhile).
+        self.starting = True
 
     def progress(self) -> None:
+        self.starting = False
         self.last_progress = time.monotonic()
 
     def live(self) -> bool:
-        return time.monotonic() - self.last_progress < self.liveness_timeout_s
+        return self.starting or time.monotonic() - self.last_progress < self.liveness_timeout_s
 
 
 class HealthServer:

@@ -1,0 +1,114 @@
+"""`captionflow serve` as a real process: SIGKILL mid-batch loses nothing; SIGTERM drains,
+exits 0, and a restart neither loses nor duplicates anything."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from captionflow.producer import Publisher
+from captionflow.schemas import decode_caption_event
+from tests.support.kafka_helpers import committed_offsets, end_offsets, read_topic
+from tests.support.worker_fixtures import worker_settings
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def _spawn(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    out = log.open("ab")
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "captionflow", "serve", "--config", str(config)],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    finally:
+        out.close()
+
+
+async def _captions(kafka, topic: str, want: set[str], timeout_s: float,
+                    proc: subprocess.Popen[bytes], log: Path) -> collections.Counter[str]:
+    """Caption ids on ``topic`` (with multiplicity) once every id in ``want`` is there."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = await read_topic(kafka, topic, expected=len(want), timeout_s=5, settle_s=0.2)
+        seen = collections.Counter(decode_caption_event(r.value).id for r in records)
+        if want <= set(seen):
+            return seen
+        if proc.poll() is not None:
+            raise AssertionError(f"worker exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(want - set(seen))} events never captioned:\n"
+                                 f"{log.read_text()[-3000:]}")
+
+
+async def _publish(kafka, topic: str, videos: list[Path], n: int) -> set[str]:
+    async with Publisher(kafka, topic=topic) as pub:
+        report = await pub.publish_inputs([str(videos[i % len(videos)]) for i in range(n)])
+    return {ev.id for ev, _ in report.sent}
+
+
+async def test_sigkill_then_sigterm_restarts(kafka, topics, group_id, tiny_settings,
+                                             caption_videos, tmp_path: Path, capsys) -> None:
+    settings = worker_settings(kafka, topics, group_id, tiny_settings,
+                               (caption_videos[0].parent,),
+                               **{"worker.max_batch_size": 4, "worker.commit_interval_ms": 500,
+                                  "worker.max_in_flight": 8, "worker.resume_in_flight": 4})
+    config = tmp_path / "worker.json"
+    config.write_bytes(orjson.dumps(settings.model_dump(mode="json")))
+    log = tmp_path / "worker.log"
+
+    # 1. SIGKILL mid-stream, restart: every event captioned at least once.
+    first = await _publish(kafka, topics.input, caption_videos, 40)
+    a = _spawn(config, log)
+    try:
+        await read_topic(kafka, topics.output, expected=5, timeout_s=240, settle_s=0)
+        a.send_signal(signal.SIGKILL)
+        assert a.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        a.kill()
+    b = _spawn(config, log)
+    try:
+        seen = await _captions(kafka, topics.output, first, 300, b, log)
+        duplicates = sum(seen.values()) - len(first)
+        with capsys.disabled():
+            print(f"\nSIGKILL + restart: {len(first)} events, {duplicates} duplicate captions")
+
+        # 2. SIGTERM mid-stream: drain, exit 0 within the grace period.
+        second = await _publish(kafka, topics.input, caption_videos, 30)
+        await read_topic(kafka, topics.output, expected=sum(seen.values()) + 3,
+                         timeout_s=120, settle_s=0)
+        started = time.monotonic()
+        b.send_signal(signal.SIGTERM)
+        assert b.wait(timeout=settings.worker.shutdown_grace_s + 15) == 0, log.read_text()[-3000:]
+        drained_in_s = time.monotonic() - started
+    finally:
+        b.kill()
+    assert drained_in_s < settings.worker.shutdown_grace_s + 10
+
+    # 3. Restart after SIGTERM (with new events for it too): nothing lost, nothing twice.
+    third = await _publish(kafka, topics.input, caption_videos, 6)
+    c = _spawn(config, log)
+    try:
+        seen = await _captions(kafka, topics.output, first | second | third, 300, c, log)
+        again = {i: n for i, n in seen.items() if i in second | third and n > 1}
+        assert again == {}, f"duplicated after a graceful stop: {again}"
+        ends = await end_offsets(kafka, topics.input)
+        for _ in range(50):
+            if await committed_offsets(kafka, topics.input, group_id) == ends:
+                break
+            await asyncio.sleep(0.2)
+        assert await committed_offsets(kafka, topics.input, group_id) == ends
+        c.send_signal(signal.SIGTERM)
+        assert c.wait(timeout=40) == 0
+    finally:
+        c.kill()
+    assert "Traceback" not in log.read_text()
