@@ -55,7 +55,8 @@ class BatchReport:
         failed = ", ".join(f"{code} {n}" for code, n in sorted(self.failed.items()))
         return (f"{self.total} rows: captioned {self.captioned}, failed {self.failed_total}"
                 f"{f' ({failed})' if failed else ''}, skipped {self.skipped} (already "
-                f"captioned) in {self.wall_s:.1f} s")
+                f"captioned) in {self.wall_s:.1f} s"
+                f"{'' if self.engine_started else '; no engine started'}")
 
     def as_dict(self) -> dict[str, Any]:
         return {"total": self.total, "captioned": self.captioned, "skipped": self.skipped,
