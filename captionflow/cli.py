@@ -307,7 +307,7 @@ def run(
         report = asyncio.run(go())
     except CaptionflowError as e:
         raise fail(e, 2 if e.code in ("config_invalid", "schema_invalid") else 1) from e
-    err.print(f"{report.summary()} -> {target}")
+    err.print(f"{report.summary()} -> {target}", soft_wrap=True, markup=False)
     print(orjson.dumps({"output": str(target), **report.as_dict()}).decode())
     nothing_ran = report.total > 0 and report.captioned + report.skipped == 0
     if nothing_ran or (fail_on_error and report.failed_total):

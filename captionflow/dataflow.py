@@ -176,7 +176,8 @@ class VideoToCaptionGenerator:
                                     cache_type=storage.cache_type, settings=self._settings(),
                                     backend=self.vlm_serving.backend, keys=keys,
                                     on_row=progress.on_row, on_total=progress.on_total)
-        console.print(f"{type(self).__name__}: {report.summary()} -> {storage.write_path}")
+        console.print(f"{type(self).__name__}: {report.summary()} -> {storage.write_path}",
+                      soft_wrap=True, markup=False)
         return report
 
     def run(self, storage: FileStorage, input_image_key: str = "image",
