@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from captionflow.errors import CaptionflowError
 
 app = typer.Typer(
     name="captionflow", no_args_is_help=True, add_completion=False,
+    pretty_exceptions_show_locals=False,
     help="Stream-scale video captioning: Kafka in, Qwen2.5-VL on vLLM, captions out.")
 err = Console(stderr=True)
 
@@ -312,6 +314,43 @@ def run(
     nothing_ran = report.total > 0 and report.captioned + report.skipped == 0
     if nothing_ran or (fail_on_error and report.failed_total):
         raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    model: Annotated[str | None, typer.Option(
+        help="A real Qwen2.5-VL checkpoint (name or path). Default: a tiny random test model "
+             "built locally.")] = None,
+    videos: Annotated[int, typer.Option(help="Sample videos to caption (1-4).", min=1, max=4)
+                      ] = 4,
+    max_tokens: Annotated[int, typer.Option(help="Caption length limit.")] = 32,
+    work_dir: Annotated[Path | None, typer.Option(
+        help="Where videos, the model and engine files go (default: a temporary dir).")] = None,
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 900,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run everything locally: broker, sample videos, a worker; print the captions."""
+    import shutil
+    import tempfile
+
+    from captionflow.demo import run_demo
+
+    setup_logging(verbose)
+    if not verbose:
+        logging.getLogger().setLevel(logging.WARNING)
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    out = Console()
+    temporary = work_dir is None
+    root = Path(tempfile.mkdtemp(prefix="captionflow-demo-")) if work_dir is None else work_dir
+    try:
+        code = asyncio.run(run_demo(work_dir=root, model=model, videos=videos,
+                                    max_tokens=max_tokens, timeout_s=timeout, console=out))
+    except CaptionflowError as e:
+        raise fail(e) from e
+    finally:
+        if temporary:
+            shutil.rmtree(root, ignore_errors=True)
+    raise typer.Exit(code)
 
 
 @app.command()

@@ -44,22 +44,5 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
 
 
 def video_metadata(clip: Clip) -> dict[str, Any]:
-    """Metadata for the ``(frames, metadata)`` tuple, normalised so that the processor's
-    ``sampled_fps`` (len(frames_indices) / total_num_frames * fps) is exactly the clip's
-    ``sample_fps``.
-
-    Qwen2.5-VL's temporal position ids use ``second_per_grid_ts = temporal_patch_size /
-    sampled_fps``. Describing the clip in its own frame numbering keeps that right for
-    windows of a long video too, where the source's total frame count would shrink the rate.
-    """
-    if clip.sample_fps <= 0:
-        raise ValueError(f"clip.sample_fps must be positive, got {clip.sample_fps}")
-    n = clip.num_frames
-    return {
-        "fps": float(clip.sample_fps),
-        "duration": n / float(clip.sample_fps),
-        "total_num_frames": n,
-        "frames_indices": list(range(n)),
-        "video_backend": "pyav",
-        "do_sample_frames": False,
-    }
+    """Metadata for the ``(frames, metadata)`` tuple: :meth:`Clip.vllm_metadata`."""
+    return clip.vllm_metadata()

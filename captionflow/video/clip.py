@@ -47,12 +47,22 @@ class Clip:
         return int(self.frames.shape[0])
 
     def vllm_metadata(self) -> dict[str, Any]:
-        """The metadata vLLM's Qwen2.5-VL path needs beside the frames (FACTS: vLLM 0.32)."""
+        """The metadata vLLM's Qwen2.5-VL path needs beside the frames (vLLM 0.32).
+
+        The clip is described in its own frame numbering so that the processor's
+        ``sampled_fps = len(frames_indices) / total_num_frames * fps`` is exactly
+        ``sample_fps``: Qwen2.5-VL's temporal position ids use ``second_per_grid_ts =
+        temporal_patch_size / sampled_fps``, and the source's frame count would shrink that
+        rate for a window of a long video. The source facts travel in ``facts``.
+        """
+        if self.sample_fps <= 0:
+            raise ValueError(f"Clip.sample_fps must be positive, got {self.sample_fps}")
+        n = self.num_frames
         return {
-            "fps": self.facts.source_fps,
-            "duration": self.facts.duration_s,
-            "total_num_frames": self.facts.total_frames,
-            "frames_indices": list(self.frame_indices),
+            "fps": float(self.sample_fps),
+            "duration": n / float(self.sample_fps),
+            "total_num_frames": n,
+            "frames_indices": list(range(n)),
             "video_backend": "pyav",
             "do_sample_frames": False,
         }
