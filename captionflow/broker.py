@@ -49,6 +49,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine to completion from sync code, even inside a running event loop."""
     try:
@@ -114,6 +124,9 @@ class EmbeddedBroker:
                 self._spawn(binary, port)
                 self.port = port
                 run_sync(wait_for_broker(self.kafka_settings(), timeout_s=self.start_timeout_s))
+                # Another broker on the same port would have answered too: ours must live.
+                if not self.alive:
+                    raise BrokerUnavailableError(f"tansu exited; port {port} taken?")
                 if self.topics:
                     run_sync(ensure_topics(self.kafka_settings(), self.topics,
                                            partitions=self.partitions))
@@ -129,6 +142,8 @@ class EmbeddedBroker:
             f"embedded broker did not start: {last_error}; log: {self.log_path or 'none'}")
 
     def _spawn(self, binary: Path, port: int) -> None:
+        if not _port_free(self.host, port):
+            raise BrokerUnavailableError(f"port {port} on {self.host} is taken")
         self._workdir = Path(tempfile.mkdtemp(prefix="captionflow-tansu-"))
         env = {**os.environ, "NO_COLOR": "1", "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
         url = f"tcp://{self.host}:{port}"

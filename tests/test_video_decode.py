@@ -90,9 +90,13 @@ def test_facts_describe_the_source(name: str, video_corpus: dict[str, CorpusFile
     if file.frames > 1:
         assert facts.source_fps == pytest.approx(file.fps, rel=0.01)
         assert facts.duration_s == pytest.approx(file.frames / file.fps, rel=0.01)
+    # The model sees the clip in its own numbering at the sampled rate (Clip.vllm_metadata).
     meta = clip.vllm_metadata()
-    assert meta["frames_indices"] == list(clip.frame_indices)
-    assert meta["do_sample_frames"] is False and meta["total_num_frames"] == file.frames
+    assert meta["frames_indices"] == list(range(clip.num_frames))
+    assert meta["total_num_frames"] == clip.num_frames and meta["do_sample_frames"] is False
+    assert meta["fps"] == clip.sample_fps
+    assert len(meta["frames_indices"]) / meta["total_num_frames"] * meta["fps"] == \
+        pytest.approx(clip.sample_fps)
 
 
 def test_rotated_video_comes_back_upright(video_corpus: dict[str, CorpusFile],
