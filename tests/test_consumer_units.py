@@ -1,0 +1,163 @@
+"""Pure logic of the worker's stages: offsets, micro-batching, rebalance routing."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aiokafka import TopicPartition
+
+from captionflow.consumer.batch import MicroBatcher
+from captionflow.consumer.offsets import OffsetTracker, PartitionOffsets
+from captionflow.consumer.rebalance import RebalanceHandler
+from captionflow.errors import EngineDeadError, ErrorCode, RebalanceFailedError
+from captionflow.metrics import Metrics
+from captionflow.serving.base import CaptionRequest, CaptionResult
+
+TP = TopicPartition("t", 0)
+
+
+def test_commit_point_is_the_lowest_unfinished_offset() -> None:
+    p = PartitionOffsets()
+    assert p.commit_point() is None
+    for o in (10, 11, 12, 14):  # 13 never consumed (compacted away)
+        p.add(o)
+    assert p.commit_point() == 10
+    p.done(12)
+    p.done(11)
+    assert p.commit_point() == 10, "10 is unfinished: nothing above it may be committed"
+    p.done(10)
+    assert p.commit_point() == 14
+    p.done(14)
+    assert p.commit_point() == 15 and p.in_flight == 0
+
+
+def test_tracker_pending_commits_advance_only_forward() -> None:
+    t = OffsetTracker()
+    other = TopicPartition("t", 1)
+    t.assign([TP, other])
+    t.add(TP, 0)
+    t.add(TP, 1)
+    t.add(other, 5)
+    t.done(TP, 1)
+    assert t.pending_commits() == {TP: 0, other: 5}
+    t.mark_committed({TP: 0, other: 5})
+    assert t.pending_commits() == {}
+    t.done(TP, 0)
+    assert t.pending_commits() == {TP: 2}
+    assert t.in_flight() == 1 and t.in_flight([other]) == 1
+    t.drop([other])
+    assert not t.owns(other) and t.done(other, 5) is False
+    assert t.pending_commits([TP, other]) == {TP: 2}
+
+
+def _request(i: int) -> CaptionRequest:
+    return CaptionRequest(f"r{i}", clip=None, prompt="p")  # type: ignore[arg-type]
+
+
+async def test_microbatcher_batches_by_size_and_time_and_bounds_the_engine() -> None:
+    batches: list[int] = []
+    running = 0
+    peak = 0
+
+    async def run(req: CaptionRequest) -> CaptionResult:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.01)
+        running -= 1
+        return CaptionResult(req.request_id, f"caption of {req.request_id}", "stop", 1, 1)
+
+    b = MicroBatcher(run, max_batch_size=4, max_wait_ms=50, max_in_engine=3,
+                     on_batch=batches.append)
+    await b.start()
+    results = await asyncio.gather(*(b.submit(_request(i)) for i in range(10)))
+    assert [r.request_id for r in results] == [f"r{i}" for i in range(10)]
+    assert all(r.text == f"caption of {r.request_id}" for r in results)
+    assert batches == [4, 4, 2]
+    assert peak <= 3
+    single = await b.submit(_request(99))  # alone: flushed by max_wait_ms
+    assert single.request_id == "r99" and batches[-1] == 1
+    await b.close()
+
+
+async def test_microbatcher_errors_reach_only_their_waiter_and_a_dead_loop_fails_all() -> None:
+    async def run(req: CaptionRequest) -> CaptionResult:
+        if req.request_id == "r1":
+            raise EngineDeadError("boom")
+        return CaptionResult(req.request_id, "ok", "stop", 1, 1)
+
+    b = MicroBatcher(run, max_batch_size=2, max_wait_ms=5, max_in_engine=2)
+    await b.start()
+    ok, bad = await asyncio.gather(b.submit(_request(0)), b.submit(_request(1)),
+                                   return_exceptions=True)
+    assert isinstance(ok, CaptionResult) and isinstance(bad, EngineDeadError)
+    await b.close()
+    with pytest.raises(EngineDeadError, match="batcher stopped"):
+        await b.submit(_request(2))
+
+
+async def test_rebalance_revoke_lost_and_callback_errors() -> None:
+    calls: list[tuple[str, set]] = []
+    lost = False
+
+    async def revoked(tps: set) -> None:
+        calls.append(("revoked", tps))
+
+    handler = RebalanceHandler(
+        on_assigned=lambda tps: calls.append(("assigned", tps)), on_revoked=revoked,
+        on_lost=lambda tps: calls.append(("lost", tps)), is_lost=lambda: lost,
+        metrics=Metrics.fresh())
+    await handler.on_partitions_assigned({TP})
+    await handler.on_partitions_revoked({TP})
+    lost = True
+    await handler.on_partitions_revoked({TP})
+    await handler.on_partitions_revoked(set())
+    assert calls == [("assigned", {TP}), ("revoked", {TP}), ("lost", {TP})]
+    assert handler.error is None
+
+    async def failing(tps: set) -> None:
+        raise RuntimeError("commit exploded")
+
+    bad = RebalanceHandler(on_assigned=lambda tps: None, on_revoked=failing,
+                           on_lost=lambda tps: None, is_lost=lambda: False,
+                           metrics=Metrics.fresh())
+    await bad.on_partitions_revoked({TP})
+    assert isinstance(bad.error, RebalanceFailedError)
+    assert bad.error.code is ErrorCode.REBALANCE_FAILED and "commit exploded" in bad.error.message
+
+
+def test_health_endpoints_over_real_http() -> None:
+    import time
+    import urllib.error
+    import urllib.request
+
+    from captionflow.consumer.health import HealthServer, HealthState
+
+    metrics = Metrics.fresh()
+    metrics.events_captioned.inc(3)
+    state = HealthState(liveness_timeout_s=0.2)
+    server = HealthServer("127.0.0.1", 0, state, metrics.registry)
+    server.start()
+    base = f"http://127.0.0.1:{server.port}"
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(base + path, timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    try:
+        status, body = get("/metrics")
+        assert status == 200 and "captionflow_events_captioned_total 3.0" in body
+        assert get("/readyz") == (503, "starting\n")
+        assert get("/healthz")[0] == 200  # starting counts as alive
+        state.progress()
+        state.ready, state.reason = True, "ready"
+        assert get("/readyz") == (200, "ready\n")
+        time.sleep(0.3)
+        assert get("/healthz")[0] == 503, "no progress within liveness_timeout_s"
+        assert get("/nope")[0] == 404
+    finally:
+        server.close()
