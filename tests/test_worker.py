@@ -193,3 +193,40 @@ async def test_two_workers_one_stops_midstream_every_event_captioned(
     got = collections.Counter(decode_caption_event(r.value).id for r in records)
     assert set(got) == ids
     assert w1.metrics.rebalances.labels("assigned")._value.get() >= 2
+
+
+async def test_retriable_fetch_failure_is_retried_then_captioned(
+        kafka, topics, group_id, vllm_backend, tiny_settings, caption_videos,
+        http_server) -> None:
+    settings = worker_settings(kafka, topics, group_id, tiny_settings,
+                               (caption_videos[0].parent,),
+                               **{"video.fetch_allowed_networks": ("127.0.0.1/32",),
+                                  "worker.retry_backoff_ms": 10})
+    served = http_server.serve_file
+    hits = {"/flaky.mp4": 0}
+    served("/ok.mp4", caption_videos[0])
+    ok_route = http_server.routes["/ok.mp4"]
+
+    def flaky(h) -> None:
+        hits["/flaky.mp4"] += 1
+        if hits["/flaky.mp4"] == 1:
+            h.send_error(503)
+        else:
+            ok_route(h)
+
+    http_server.routes["/flaky.mp4"] = flaky
+    http_server.routes["/down.mp4"] = lambda h: h.send_error(503)
+    async with Publisher(kafka, topic=topics.input) as pub:
+        report = await pub.publish_inputs([http_server.url("/flaky.mp4"),
+                                           http_server.url("/down.mp4")], id_from="path")
+    flaky_id, down_id = (ev.id for ev, _ in report.sent)
+    async with running_worker(settings, vllm_backend) as (worker, _):
+        [caption] = await read_topic(kafka, topics.output, expected=1, timeout_s=120)
+        [dead] = await read_topic(kafka, topics.dead_letter, expected=1, timeout_s=60)
+        retried = worker.metrics.events_retried.labels("fetch_failed")._value.get()
+    ev = decode_caption_event(caption.value)
+    assert (ev.id, ev.attempts, hits["/flaky.mp4"]) == (flaky_id, 2, 2)
+    dl = decode_dead_letter_event(dead.value)
+    assert dl.id == down_id and dl.error.code == ErrorCode.FETCH_FAILED
+    assert dl.error.retriable and dl.error.attempts == settings.worker.max_attempts
+    assert retried == 1 + (settings.worker.max_attempts - 1)

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from captionflow.batch.caption import caption_event
 from captionflow.batch.files import UnparsableLine
 from captionflow.batch.rows import (
     RowKeys,
@@ -28,6 +27,7 @@ from captionflow.batch.rows import (
     resumed_row,
     row_event,
 )
+from captionflow.captioning import Attempts, caption_event
 from captionflow.config import Settings
 from captionflow.errors import CaptionflowError, FatalError, InternalError
 from captionflow.serving.base import CaptionBackend, CaptionRequest, CaptionResult
@@ -126,8 +126,9 @@ async def caption_rows(rows: list[Any], *, settings: Settings, backend: CaptionB
             return finish(i, FAILED)
         try:
             event = row_event(row, i, keys)
-            result = await caption_event(event, frames=frames, caption=lazy.caption,
-                                         settings=settings)
+            result = await caption_event(event, clips=frames.clips, caption=lazy.caption,
+                                         settings=settings,
+                                         attempts=Attempts(settings.worker, label=f"row {i}"))
         except FatalError:
             raise
         except Exception as e:

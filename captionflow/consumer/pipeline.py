@@ -10,13 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 from aiokafka.structs import ConsumerRecord
 
+from captionflow.captioning import Attempts, ClipsFn, EventCaption, caption_event, window_end_s
 from captionflow.config import Settings
 from captionflow.errors import CaptionflowError, EventError, FatalError, InternalError
 from captionflow.metrics import Metrics
@@ -34,7 +33,6 @@ from captionflow.serving.base import CaptionRequest, CaptionResult
 from captionflow.video.clip import Clip
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +52,7 @@ class RecordPipeline:
     """Turns a consumed record into its output event. Stateless across records."""
 
     def __init__(self, settings: Settings, *,
-                 clips: Callable[[str, dict], Awaitable[list[Clip]]],
+                 clips: ClipsFn,
                  caption: Callable[[CaptionRequest], Awaitable[CaptionResult]],
                  model_name: str, metrics: Metrics, worker_id: str) -> None:
         self._s = settings
@@ -66,13 +64,17 @@ class RecordPipeline:
 
     async def process(self, record: ConsumerRecord[bytes, bytes]) -> Output:
         started = time.monotonic()
-        state = _Attempts()
         event: VideoEvent | None = None
+        attempts = Attempts(self._s.worker, label=where(record), on_retry=self._retried)
         try:
             event = decode_video_event(
                 record.value, fallback_id=self._fallback_id(record),
                 max_bytes=self._s.kafka.max_event_bytes)
-            caption = await self._caption_event(event, record, state, started)
+            attempts = Attempts(self._s.worker, label=f"{where(record)} id={event.id}",
+                                on_retry=self._retried)
+            result = await caption_event(event, clips=self._clips, caption=self._caption,
+                                         settings=self._s, attempts=attempts)
+            caption = self._caption_event(event, record, result, attempts.count, started)
             self._metrics.events_captioned.inc()
             return Output(self._s.topics.output, event.id, encode(caption), event.id)
         except FatalError:
@@ -89,97 +91,51 @@ class RecordPipeline:
                         event.id if event else None, error)
             self._metrics.events_dead_lettered.labels(error.code.value).inc()
             dl = dead_letter(
-                record.value, error, attempts=state.count, key=record.key,
+                record.value, error, attempts=attempts.count, key=record.key,
                 source=_coords(record), event_id=event.id if event else None,
                 worker=self._worker)
             key = dl.id or (record.key.decode("utf-8", "replace") if record.key else
                             self._fallback_id(record))
             return Output(self._s.topics.dead_letter, key, encode(dl), dl.id, error.code.value)
 
+    def _retried(self, error: EventError) -> None:
+        self._metrics.events_retried.labels(error.code.value).inc()
+
     def _fallback_id(self, record: ConsumerRecord[bytes, bytes]) -> str:
         if record.key:
             return record.key.decode("utf-8", "replace")
         return f"{record.topic}:{record.partition}:{record.offset}"
 
-    async def _caption_event(self, event: VideoEvent, record: ConsumerRecord[bytes, bytes],
-                             state: _Attempts, started: float) -> CaptionEvent:
-        options = event.options
-        overrides = options.frame_overrides() if options else {}
-        t0 = time.monotonic()
-        clips = await self._retrying(lambda: self._clips(event.reference, overrides), state,
-                                     record, event.id)
-        fetch_decode_s = time.monotonic() - t0
-        for clip in clips:
-            self._metrics.frames_decoded.inc(clip.num_frames)
-        prompt = event.prompt(self._s.serving.default_prompt)
-        sampling = options.sampling.model_dump(exclude_none=True) \
-            if options and options.sampling else {}
-
-        async def one(clip: Clip) -> CaptionResult:
-            async def attempt() -> CaptionResult:
-                # Unique per attempt: a result can only ever reach the request that asked.
-                request_id = f"{event.id}#w{clip.window_index or 0}#a{state.count}" \
-                             f"-{uuid.uuid4().hex[:8]}"
-                return await self._caption(CaptionRequest(request_id, clip, prompt, sampling))
-            return await self._retrying(attempt, state, record, event.id)
-
-        t1 = time.monotonic()
-        results = await asyncio.gather(*(one(c) for c in clips))
-        caption_s = time.monotonic() - t1
-        usage = TokenUsage(prompt_tokens=sum(r.prompt_tokens for r in results),
-                           completion_tokens=sum(r.completion_tokens for r in results))
-        self._metrics.tokens.labels("prompt").inc(usage.prompt_tokens)
-        self._metrics.tokens.labels("completion").inc(usage.completion_tokens)
-        queue_ms = max(r.queue_ms for r in results)
-        inference_ms = max(r.inference_ms for r in results) or caption_s * 1000
+    def _caption_event(self, event: VideoEvent, record: ConsumerRecord[bytes, bytes],
+                       result: EventCaption, attempts: int, started: float) -> CaptionEvent:
+        m = self._metrics
+        m.frames_decoded.inc(result.frames_sampled)
+        usage = TokenUsage(prompt_tokens=result.prompt_tokens,
+                           completion_tokens=result.completion_tokens)
+        m.tokens.labels("prompt").inc(usage.prompt_tokens)
+        m.tokens.labels("completion").inc(usage.completion_tokens)
+        queue_ms = max(r.queue_ms for r in result.results)
+        inference_ms = max(r.inference_ms for r in result.results) or result.caption_s * 1000
+        m.stage_seconds.labels("inference").observe(inference_ms / 1000)
         windows = None
-        if len(clips) > 1 or clips[0].window_index is not None:
+        if result.windowed:
             windows = [WindowCaption(
-                index=c.window_index or 0, start_s=c.start_s,
-                end_s=c.end_s if c.end_s is not None else c.facts.duration_s,
+                index=c.window_index or 0, start_s=c.start_s, end_s=window_end_s(c),
                 caption=r.text, finish_reason=r.finish_reason,
                 usage=TokenUsage(prompt_tokens=r.prompt_tokens,
                                  completion_tokens=r.completion_tokens))
-                for c, r in zip(clips, results, strict=True)]
-        text = results[0].text if windows is None else "\n".join(
-            f"[{w.start_s:.1f}s-{w.end_s:.1f}s] {w.caption}" for w in windows)
-        finish = results[0].finish_reason if len(results) == 1 else (
-            "length" if any(r.finish_reason == "length" for r in results) else "stop")
+                for c, r in zip(result.clips, result.results, strict=True)]
         return CaptionEvent(
             id=event.id, video=event.video, image=event.image,
-            conversation=event.conversation_with_prompt(prompt), caption=text,
-            model=self._model, finish_reason=finish, usage=usage,
-            video_info=_video_info(clips), windows=windows,
-            timings=StageTimings(fetch_decode_ms=round(fetch_decode_s * 1000, 3),
+            conversation=event.conversation_with_prompt(result.prompt), caption=result.text,
+            model=self._model, finish_reason=result.finish_reason, usage=usage,
+            video_info=_video_info(result.clips), windows=windows,
+            timings=StageTimings(fetch_decode_ms=round(result.fetch_decode_s * 1000, 3),
                                  queue_ms=round(queue_ms, 3),
                                  inference_ms=round(inference_ms, 3),
                                  total_ms=round((time.monotonic() - started) * 1000, 3)),
-            metadata=event.metadata, source=_coords(record), attempts=state.count,
+            metadata=event.metadata, source=_coords(record), attempts=attempts,
             worker=self._worker, created_at=now_rfc3339())
-
-    async def _retrying(self, fn: Callable[[], Awaitable[T]], state: _Attempts,
-                        record: ConsumerRecord[bytes, bytes], event_id: str) -> T:
-        w = self._s.worker
-        while True:
-            try:
-                return await fn()
-            except EventError as e:
-                if not e.retriable or state.count >= w.max_attempts:
-                    raise
-                backoff_ms = min(w.retry_backoff_max_ms,
-                                 w.retry_backoff_ms * 2 ** (state.count - 1))
-                log.info("%s id=%s: attempt %d failed (%s); retrying in %d ms", where(record),
-                         event_id, state.count, e, backoff_ms)
-                self._metrics.events_retried.labels(e.code.value).inc()
-                state.count += 1
-                await asyncio.sleep(backoff_ms / 1000)
-
-
-class _Attempts:
-    __slots__ = ("count",)
-
-    def __init__(self) -> None:
-        self.count = 1
 
 
 def _coords(record: ConsumerRecord[bytes, bytes]) -> SourceCoordinates:

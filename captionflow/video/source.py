@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -34,11 +35,16 @@ def load_clips(reference: str, settings: VideoSettings,
     """Fetch ``reference`` and sample it: one :class:`Clip`, or one per window when
     ``settings.window_s`` is set. Raises :class:`captionflow.errors.EventError` subclasses."""
     policy = SamplingPolicy.from_settings(settings, overrides)
+    started = time.monotonic()
     video = fetch(reference, settings)
+    fetch_s = time.monotonic() - started
     try:
-        return _sample(video, policy, settings)
+        clips = _sample(video, policy, settings)
     finally:
         video.release()
+    for clip in clips:
+        clip.extra["fetch_s"] = fetch_s  # the decode stage's metrics split fetch from decode
+    return clips
 
 
 def _sample(video: LocalVideo, policy: SamplingPolicy, settings: VideoSettings) -> list[Clip]:
