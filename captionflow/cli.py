@@ -339,6 +339,9 @@ def demo(
     if not verbose:
         logging.getLogger().setLevel(logging.WARNING)
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    if model is None:  # the tiny model is built locally; nothing to download
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Console()
     temporary = work_dir is None
     root = Path(tempfile.mkdtemp(prefix="captionflow-demo-")) if work_dir is None else work_dir

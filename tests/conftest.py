@@ -1,6 +1,12 @@
 """Shared fixtures. Each capability keeps its fixtures in tests/support/*_fixtures.py."""
 
 import importlib.util
+import os
+
+# Nothing in the suite may reach a model hub or report usage: everything is built locally.
+for _name, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"),
+                      ("VLLM_NO_USAGE_STATS", "1"), ("DO_NOT_TRACK", "1")):
+    os.environ.setdefault(_name, _value)
 
 pytest_plugins = [
     name for name in (
