@@ -201,3 +201,34 @@ async def test_openai_url_transport_needs_a_url():
     async with _backend(_ok([]), openai_video_transport="url") as backend:
         with pytest.raises(InvalidRequestError, match="video_url"):
             await backend.caption(CaptionRequest("ev-5", synthetic_clip(0), ""))
+
+
+async def test_openai_server_without_trusted_mm_kwargs_is_a_fatal_config_error():
+    # vLLM 0.32's answer when the server runs without --trust-request-mm-kwargs.
+    message = ("Per-request media_io_kwargs are disabled by default because they can change "
+               "multimodal media loading resource usage. Start the server with "
+               "--trust-request-mm-kwargs only when clients are trusted.")
+
+    def handler(request):
+        return httpx.Response(400, json={"error": {"message": message,
+                                                   "param": "media_io_kwargs"}})
+
+    async with _backend(handler) as backend:
+        with pytest.raises(EngineDeadError, match="openai_video_transport") as info:
+            await backend.caption(CaptionRequest("ev-6", synthetic_clip(0), ""))
+    assert "--trust-request-mm-kwargs" in str(info.value)
+
+
+def test_vllm_server_command_has_the_engine_settings(tiny_model_dir):
+    from captionflow.serving.engine_setup import vllm_server_command
+
+    cmd = vllm_server_command(tiny_cpu_settings(tiny_model_dir), port=8123)
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    flags = dict(zip(cmd[3::1], cmd[4::1], strict=False))
+    assert flags["--model"] == str(tiny_model_dir) and flags["--port"] == "8123"
+    assert flags["--dtype"] == "float32" and flags["--max-model-len"] == "4096"
+    assert flags["--max-num-batched-tokens"] == "4096" and flags["--max-num-seqs"] == "8"
+    assert flags["--kv-cache-memory-bytes"] == str(256 << 20)
+    assert json.loads(flags["--limit-mm-per-prompt"]) == {"image": 0, "video": 1}
+    assert "--enforce-eager" in cmd and "--trust-request-mm-kwargs" in cmd
+    assert "--gpu-memory-utilization" not in cmd

