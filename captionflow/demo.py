@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +40,8 @@ def demo_serving(work_dir: Path, model: str | None, max_tokens: int) -> tuple[Se
     from captionflow.serving.engine_setup import prepare_vllm_environment, tiny_cpu_settings
     from captionflow.serving.tiny_model import TINY_MODEL_DIRNAME, build_tiny_model
 
+    # zmq's IPC socket paths are limited to 107 bytes; a deep work dir would exceed them.
+    os.environ.setdefault("VLLM_RPC_BASE_PATH", tempfile.mkdtemp(prefix="cf-rpc-"))
     prepare_vllm_environment(work_dir / "vllm")
     tiny = model is None
     if tiny:
