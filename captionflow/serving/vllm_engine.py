@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 # How often the watchdog asks the engine whether it is still alive.
 _WATCH_INTERVAL_S = 0.5
+# Distinct user texts whose rendered prompt is kept (most events use the default prompt).
+_PROMPT_CACHE_SIZE = 1024
 
 
 def sampling_values(settings: ServingSettings, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -62,6 +64,8 @@ class VllmBackend(CaptionBackend):
         self._dead_event = asyncio.Event()
         self._watchdog: asyncio.Task[None] | None = None
         self._in_flight: set[str] = set()
+        # Rendered chat prompts by user text: the template is rendered once per distinct text.
+        self._prompt_cache: dict[str | None, str] = {}
 
     @property
     def engine(self) -> Any:
@@ -121,9 +125,15 @@ class VllmBackend(CaptionBackend):
         """The full chat-templated prompt for a user's text (video placeholder included)."""
         if self._tokenizer is None:
             raise EngineDeadError("the vLLM backend is not started; call start() first")
-        messages = build_messages(prompt, system_prompt=self.settings.system_prompt,
-                                  default_prompt=self.settings.default_prompt)
-        return render_prompt(self._tokenizer, messages)
+        text = self._prompt_cache.get(prompt)
+        if text is None:
+            messages = build_messages(prompt, system_prompt=self.settings.system_prompt,
+                                      default_prompt=self.settings.default_prompt)
+            text = render_prompt(self._tokenizer, messages)
+            if len(self._prompt_cache) >= _PROMPT_CACHE_SIZE:
+                self._prompt_cache.clear()
+            self._prompt_cache[prompt] = text
+        return text
 
     def sampling_params(self, overrides: dict[str, Any]) -> Any:
         from vllm import SamplingParams
