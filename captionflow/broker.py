@@ -149,7 +149,7 @@ class EmbeddedBroker:
         url = f"tcp://{self.host}:{port}"
         log_target: Any = subprocess.DEVNULL
         if self.log_path is not None:
-            self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+            self._log_file = open(self.log_path, "ab")
             log_target = self._log_file
         self._proc = subprocess.Popen(
             [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,

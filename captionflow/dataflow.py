@@ -68,7 +68,7 @@ def seed_settings(base: Settings, fields: dict[str, Any]) -> Settings:
     return base.model_copy(update={"serving": serving})
 
 
-class LocalModelVLMServing_vllm:  # noqa: N801 - the seed's class name
+class LocalModelVLMServing_vllm:
     """Qwen2.5-VL on vLLM, with DataFlow-MM's parameter names and defaults.
 
     The engine starts on the first row that reaches the model (or :meth:`start_serving`)

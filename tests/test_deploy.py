@@ -122,7 +122,7 @@ def exported_captionflow_series() -> dict[str, set[str]]:
     """Every series name a fresh Metrics registry can expose, with its label names."""
     names: dict[str, set[str]] = {}
     metrics = Metrics.fresh()
-    for collector in metrics.registry._collector_to_names:  # noqa: SLF001 - labelnames
+    for collector in metrics.registry._collector_to_names:
         labels = set(getattr(collector, "_labelnames", ()))
         for family in collector.describe():
             base = family.name

@@ -17,7 +17,6 @@ from rich.progress import (
 )
 
 
-
 class RowProgress:
     """``on_total`` and ``on_row`` callbacks for :func:`captionflow.batch.job.run_file`."""
 

@@ -165,8 +165,8 @@ class Worker:
         log.info("worker stopped cleanly")
         return 0
 
-    def _timed_clips(self, frames: FrameSource):  # noqa: ANN202 - a small closure
-        async def clips(reference: str, overrides: dict):  # noqa: ANN202
+    def _timed_clips(self, frames: FrameSource):
+        async def clips(reference: str, overrides: dict):
             started = time.monotonic()
             result = await frames.clips(reference, overrides)
             elapsed = time.monotonic() - started
@@ -358,9 +358,9 @@ class Worker:
         while True:
             try:
                 engine_ok = await asyncio.wait_for(self._backend.healthy(), 5)
-            except Exception:  # noqa: BLE001 - any failure means "not ready"
+            except Exception:
                 engine_ok = False
-            broker_ok = bool(self._consumer._client.cluster.brokers())  # noqa: SLF001
+            broker_ok = bool(self._consumer._client.cluster.brokers())
             ready = engine_ok and broker_ok and self._fatal is None and \
                 not self._stopping.is_set()
             self.health.ready = ready

@@ -72,7 +72,7 @@ async def assign_all(consumer: AIOKafkaConsumer, topics: Sequence[str], *,
     for topic in topics:
         found = consumer.partitions_for_topic(topic)
         if not found:
-            await consumer._client.force_metadata_update()  # noqa: SLF001 - no public API
+            await consumer._client.force_metadata_update()
             found = consumer.partitions_for_topic(topic) or set()
         partitions += [TopicPartition(topic, p) for p in sorted(found)]
     consumer.assign(partitions)

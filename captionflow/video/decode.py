@@ -84,7 +84,7 @@ def _video_stream(container: av.container.InputContainer, path: Path) -> av.Vide
             f"{path.name} has no video stream (streams: {', '.join(kinds)}); send a video file")
     stream = container.streams.video[0]
     try:
-        stream.codec_context.name  # noqa: B018 - raises when FFmpeg has no decoder for it
+        stream.codec_context.name
     except (AttributeError, av.error.FFmpegError) as e:
         raise VideoUnreadableError(
             f"{path.name}: no decoder for its video codec; re-encode it as H.264, HEVC, VP9 "

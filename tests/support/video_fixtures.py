@@ -34,7 +34,7 @@ class LoopbackServer:
         routes = self.routes
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            def do_GET(self) -> None:
                 route = routes.get(self.path.split("?")[0])
                 if route is None:
                     self.send_error(404)
