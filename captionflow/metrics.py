@@ -64,6 +64,10 @@ class Metrics:
             registry=r)
         self.ready = Gauge(
             "captionflow_ready", "1 when the broker and the engine answer.", registry=r)
+        self.dependency_up = Gauge(
+            "captionflow_dependency_up",
+            "1 when a dependency answers, by dependency (broker, engine).", ["dependency"],
+            registry=r)
         self.last_progress = Gauge(
             "captionflow_last_progress_timestamp_seconds",
             "Unix time the worker loop last made progress.", registry=r)
@@ -78,6 +82,8 @@ class Metrics:
             self.rebalances.labels(kind)
         for result in ("ok", "failed"):
             self.commits.labels(result)
+        for dependency in ("broker", "engine"):
+            self.dependency_up.labels(dependency)
         # Series exist from the start, so dashboards and rate() see 0 rather than nothing.
         for code in (ErrorCode.FETCH_TIMEOUT, ErrorCode.FETCH_FAILED,
                      ErrorCode.ENGINE_OVERLOADED, ErrorCode.ENGINE_FAILED):
