@@ -198,6 +198,12 @@ async def test_dashboard_and_alert_queries_return_data(live_worker, prometheus):
         assert info["metric"]["instance"] == live_worker.target
         assert info["metric"]["job"] == "captionflow"
 
+        # A healthy worker under traffic: ready, both dependencies up (as Prometheus sees it).
+        up = {r["metric"]["dependency"]: r["value"][1]
+              for r in await query(client, "captionflow_dependency_up")}
+        assert up == {"broker": "1", "engine": "1"}
+        assert [r["value"][1] for r in await query(client, "captionflow_ready")] == ["1"]
+
         # Prometheus loaded the shipped rule file and evaluates every rule without error.
         while True:
             rules = (await client.get("/api/v1/rules")).json()["data"]["groups"]

@@ -361,6 +361,8 @@ class Worker:
             except Exception:
                 engine_ok = False
             broker_ok = bool(self._consumer._client.cluster.brokers())
+            self.metrics.dependency_up.labels("engine").set(1 if engine_ok else 0)
+            self.metrics.dependency_up.labels("broker").set(1 if broker_ok else 0)
             ready = engine_ok and broker_ok and self._fatal is None and \
                 not self._stopping.is_set()
             self.health.ready = ready
