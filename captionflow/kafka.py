@@ -49,6 +49,19 @@ def make_producer(kafka: KafkaSettings, *, client_suffix: str = "-producer",
         **extra)
 
 
+async def start_producer(kafka: KafkaSettings, *, client_suffix: str) -> AIOKafkaProducer:
+    """A started producer, or BrokerUnavailableError saying which cluster did not answer."""
+    producer = make_producer(kafka, client_suffix=client_suffix)
+    try:
+        await producer.start()
+    except (KafkaError, OSError) as e:
+        await producer.stop()
+        raise BrokerUnavailableError(
+            f"producer cannot reach Kafka at {kafka.bootstrap_servers}: {e}; check "
+            "kafka.bootstrap_servers and that the broker is up") from e
+    return producer
+
+
 def make_consumer(kafka: KafkaSettings, *topics: str, client_suffix: str = "-consumer",
                   **extra: Any) -> AIOKafkaConsumer:
     extra.setdefault("fetch_max_bytes", max(52_428_800, kafka.max_event_bytes * 2))

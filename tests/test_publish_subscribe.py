@@ -126,3 +126,16 @@ async def test_subscribe_timeout_returns_what_it_has(kafka, topics) -> None:
     seen = []
     result = await subscribe(kafka, [topics.output], sink=seen.append, count=1, timeout_s=0.5)
     assert result.timed_out and result.records == 0 and seen == []
+
+
+async def test_unreachable_broker_is_a_typed_error() -> None:
+    from captionflow.broker import free_port
+    from captionflow.errors import BrokerUnavailableError, ErrorCode
+
+    nowhere = KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}",
+                            enable_idempotence=False)
+    with pytest.raises(BrokerUnavailableError) as info:
+        async with Publisher(nowhere, topic="x"):
+            pass
+    assert info.value.code is ErrorCode.BROKER_UNAVAILABLE
+    assert "kafka.bootstrap_servers" in info.value.message

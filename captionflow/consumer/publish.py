@@ -8,8 +8,8 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import RecordMetadata
 
 from captionflow.config import KafkaSettings
-from captionflow.errors import BrokerUnavailableError, PublishFailedError
-from captionflow.kafka import make_producer
+from captionflow.errors import PublishFailedError
+from captionflow.kafka import start_producer
 
 
 class OutputPublisher:
@@ -18,14 +18,7 @@ class OutputPublisher:
         self._producer: AIOKafkaProducer | None = None
 
     async def start(self) -> None:
-        self._producer = make_producer(self._kafka, client_suffix="-worker-producer")
-        try:
-            await self._producer.start()
-        except (KafkaError, OSError) as e:
-            await self._producer.stop()
-            self._producer = None
-            raise BrokerUnavailableError(
-                f"producer cannot reach Kafka at {self._kafka.bootstrap_servers}: {e}") from e
+        self._producer = await start_producer(self._kafka, client_suffix="-worker-producer")
 
     async def send(self, topic: str, key: str, value: bytes) -> RecordMetadata:
         """Send and wait for the acknowledgement; raise PublishFailedError if there is none."""

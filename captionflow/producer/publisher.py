@@ -12,8 +12,8 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import RecordMetadata
 
 from captionflow.config import KafkaSettings
-from captionflow.errors import BrokerUnavailableError, PublishFailedError
-from captionflow.kafka import make_producer
+from captionflow.errors import PublishFailedError
+from captionflow.kafka import start_producer
 from captionflow.producer.sources import Candidate, IdFrom, Rejected, expand
 from captionflow.schemas.codec import encode
 from captionflow.schemas.events import VideoEvent
@@ -45,13 +45,7 @@ class Publisher:
         self._producer: AIOKafkaProducer | None = None
 
     async def start(self) -> None:
-        self._producer = make_producer(self.kafka, client_suffix="-publisher")
-        try:
-            await self._producer.start()
-        except (KafkaError, OSError) as e:
-            await self._producer.stop()
-            raise BrokerUnavailableError(
-                f"cannot connect to Kafka at {self.kafka.bootstrap_servers}: {e}") from e
+        self._producer = await start_producer(self.kafka, client_suffix="-publisher")
 
     async def close(self) -> None:
         if self._producer is not None:
