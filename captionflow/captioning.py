@@ -14,11 +14,14 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
+
 from captionflow.config import Settings, WorkerSettings
-from captionflow.errors import EventError
+from captionflow.errors import CaptionflowError, ErrorCode, EventError, InvalidRequestError
 from captionflow.schemas.events import VideoEvent
 from captionflow.serving.base import CaptionRequest, CaptionResult
 from captionflow.video.clip import Clip
+from captionflow.video.images import load_images
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -82,6 +85,46 @@ class EventCaption:
         return len(self.clips) > 1 or self.clips[0].window_index is not None
 
 
+_images_off_logged = False
+
+
+async def event_images(event: VideoEvent, settings: Settings,
+                       attempts: Attempts) -> tuple[np.ndarray, ...]:
+    """The event's ``image`` references, loaded for the model (fetched like videos, off the
+    event loop), or nothing when ``serving.limit_mm_per_prompt["image"]`` is 0: then the
+    images are only carried through to the caption event, as before images reached the
+    model. More images than that limit fail the event with ``invalid_request``."""
+    global _images_off_logged
+    refs = event.image or []
+    if not refs:
+        return ()
+    limit = int(settings.serving.limit_mm_per_prompt.get("image", 0))
+    if limit <= 0:
+        if not _images_off_logged:
+            _images_off_logged = True
+            log.warning("event %s has %d image(s); serving.limit_mm_per_prompt allows 0 images "
+                        "per prompt, so images are carried through, not sent to the model "
+                        "(set e.g. CAPTIONFLOW_SERVING__LIMIT_MM_PER_PROMPT="
+                        "'{\"image\": 4, \"video\": 1}' to send them); logged once",
+                        event.id, len(refs))
+        return ()
+    if len(refs) > limit:
+        raise InvalidRequestError(
+            f"the event has {len(refs)} images but serving.limit_mm_per_prompt allows "
+            f"{limit} per prompt; send fewer images or raise the limit")
+
+    async def load() -> tuple[np.ndarray, ...]:
+        try:
+            return await asyncio.to_thread(load_images, refs, settings.video)
+        except CaptionflowError:
+            raise
+        except Exception as e:
+            # A bug or an unforeseen library error fails this event, not the worker.
+            raise EventError(f"loading images {refs!r} failed unexpectedly: {e!r}",
+                             code=ErrorCode.INTERNAL) from e
+    return await attempts.run(load)
+
+
 def window_end_s(clip: Clip) -> float:
     return clip.end_s if clip.end_s is not None else clip.facts.duration_s
 
@@ -93,6 +136,7 @@ async def caption_event(event: VideoEvent, *, clips: ClipsFn, caption: CaptionFn
     options = event.options
     overrides = options.frame_overrides() if options else {}
     started = time.monotonic()
+    images = await event_images(event, settings, attempts)
     got = await attempts.run(lambda: clips(event.reference, overrides))
     fetch_decode_s = time.monotonic() - started
     prompt = event.prompt(settings.serving.default_prompt)
@@ -104,7 +148,7 @@ async def caption_event(event: VideoEvent, *, clips: ClipsFn, caption: CaptionFn
             # Unique per attempt: a result can only ever reach the request that asked.
             request_id = f"{event.id}#w{clip.window_index or 0}#a{attempts.count}" \
                          f"-{uuid.uuid4().hex[:8]}"
-            return caption(CaptionRequest(request_id, clip, prompt, sampling))
+            return caption(CaptionRequest(request_id, clip, prompt, sampling, images))
         return await attempts.run(attempt)
 
     started = time.monotonic()

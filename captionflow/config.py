@@ -170,6 +170,8 @@ class ServingSettings(_Section):
     enforce_eager: bool = False
     # CPU engine: bytes of KV cache (vLLM's VLLM_CPU_KVCACHE_SPACE only takes whole GiB).
     kv_cache_memory_bytes: int | None = Field(None, gt=0)
+    # "image" > 0 sends up to that many of an event's `image` references to the model (before
+    # the video); 0, the default, carries them through to the caption event unsent.
     limit_mm_per_prompt: dict[str, int] = Field(default_factory=lambda: {"image": 0, "video": 1})
     mm_processor_kwargs: dict[str, Any] = Field(default_factory=dict)
     trust_remote_code: bool = False

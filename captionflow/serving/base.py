@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from captionflow.video.clip import Clip
 
 # Per-request sampling overrides a caller may set; anything else is an invalid request.
@@ -20,12 +22,15 @@ class CaptionRequest:
 
     ``request_id`` is unique per in-flight request and is how a result finds its way back to
     its event: the worker builds it from the event id, the window and the attempt.
+    ``images`` (uint8 ``(H, W, 3)`` RGB, from :func:`captionflow.video.images.load_images`)
+    go into the user turn before the video, in order.
     """
 
     request_id: str
     clip: Clip
     prompt: str
     sampling: Mapping[str, Any] = field(default_factory=dict)
+    images: tuple[np.ndarray, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

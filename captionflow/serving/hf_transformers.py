@@ -76,13 +76,15 @@ class TransformersBackend(CaptionBackend):
         """What the Hugging Face processor makes of a request (token ids, pixels, grids,
         ``second_per_grid_ts``); tests compare it with what the engines see."""
         messages = build_messages(request.prompt, system_prompt=self.settings.system_prompt,
-                                  default_prompt=self.settings.default_prompt)
+                                  default_prompt=self.settings.default_prompt,
+                                  images=len(request.images))
         text = render_prompt(self._processor.tokenizer, messages)
         metadata = {k: v for k, v in video_metadata(request.clip).items()
                     if k != "do_sample_frames"}
+        extra: dict[str, Any] = {"images": list(request.images)} if request.images else {}
         return self._processor(text=[text], videos=[request.clip.frames],
                                video_metadata=[metadata], do_sample_frames=False,
-                               return_tensors="pt")
+                               return_tensors="pt", **extra)
 
     async def caption(self, request: CaptionRequest) -> CaptionResult:
         if self._closed or self._pool is None:
@@ -151,8 +153,9 @@ def _use_qwen_rope_index(model: Any) -> None:
     tokens_per_second * second_per_grid_ts``), while its decode offset (``rope_deltas``) does
     count them; Qwen2.5-VL's reference code (transformers 4.x) and vLLM 0.32 start that text
     at the largest id so far + 1. Whenever the temporal ids reach past the spatial ones the
-    two disagree (8 frames at 0.5, 1 or 2 fps on the tiny model). Only video inputs are
-    re-derived here; anything else keeps transformers' own function.
+    two disagree (8 frames at 0.5, 1 or 2 fps on the tiny model). Prompts with a video (and
+    any images beside it, each image one temporal step at id 0) are re-derived here; anything
+    else (text, images alone, where both rules agree) keeps transformers' own function.
     """
     import torch
 
@@ -162,10 +165,11 @@ def _use_qwen_rope_index(model: Any) -> None:
     merge = int(vision.spatial_merge_size)
     tokens_per_second = float(getattr(vision, "tokens_per_second", 1.0))
     video_token = int(model.config.video_token_id)
+    image_token = int(model.config.image_token_id)
 
     def get_rope_index(input_ids=None, image_grid_thw=None, video_grid_thw=None,
                        attention_mask=None, second_per_grid_ts=None, **kwargs):
-        if input_ids is None or video_grid_thw is None or image_grid_thw is not None:
+        if input_ids is None or video_grid_thw is None:
             return original(input_ids, image_grid_thw=image_grid_thw,
                             video_grid_thw=video_grid_thw, attention_mask=attention_mask,
                             second_per_grid_ts=second_per_grid_ts, **kwargs)
@@ -173,6 +177,7 @@ def _use_qwen_rope_index(model: Any) -> None:
                                   device=input_ids.device)
         deltas = []
         grids = iter(video_grid_thw.tolist())
+        image_grids = iter(image_grid_thw.tolist() if image_grid_thw is not None else [])
         seconds = iter(second_per_grid_ts.tolist() if second_per_grid_ts is not None
                        else [1.0] * len(video_grid_thw))
         for row, ids in enumerate(input_ids):
@@ -182,13 +187,16 @@ def _use_qwen_rope_index(model: Any) -> None:
             start = 0  # first token not yet given a position
             next_id = 0  # the position the next text token gets
             while True:
-                try:
-                    offset = tokens.index(video_token, start)
-                except ValueError:
+                offset = _next_vision_token(tokens, start, video_token, image_token)
+                if offset < 0:
                     break
-                t, h, w = next(grids)
+                if tokens[offset] == video_token:
+                    t, h, w = next(grids)
+                    factor = tokens_per_second * float(next(seconds))
+                else:  # an image: one temporal step, temporal id 0
+                    t, h, w = next(image_grids)
+                    factor = 0.0
                 h, w = h // merge, w // merge
-                factor = tokens_per_second * float(next(seconds))
                 text_len = offset - start
                 parts.append(torch.arange(text_len).expand(3, -1) + next_id)
                 grid = torch.stack(torch.meshgrid(
@@ -207,3 +215,12 @@ def _use_qwen_rope_index(model: Any) -> None:
         return position_ids, torch.tensor(deltas, device=input_ids.device).unsqueeze(1)
 
     inner.get_rope_index = get_rope_index
+
+
+def _next_vision_token(tokens: list[int], start: int, video_token: int,
+                       image_token: int) -> int:
+    """Index of the first video or image token at or after ``start``; -1 when none."""
+    for i in range(start, len(tokens)):
+        if tokens[i] == video_token or tokens[i] == image_token:
+            return i
+    return -1

@@ -10,6 +10,8 @@ decoding and sampling, so its tokens need not equal ours). vLLM 0.32 refuses per
 ``media_io_kwargs`` unless the server runs with ``--trust-request-mm-kwargs``; that refusal
 is a fatal configuration error here, saying so. Retries with exponential backoff on 429, 5xx and
 connection errors; concurrency is bounded; every error ends as a typed captionflow error.
+An event's images go before the video as lossless PNG ``image_url`` data URLs (the server's
+``--limit-mm-per-prompt`` must allow them).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 from typing import Any
 
 import httpx
+import numpy as np
 
 from captionflow.config import ServingSettings
 from captionflow.errors import (
@@ -57,6 +60,15 @@ def frames_data_url(clip: Clip) -> str:
         Image.fromarray(frame, mode="RGB").save(buf, format="PNG", compress_level=1)
         parts.append(base64.b64encode(buf.getvalue()).decode("ascii"))
     return "data:video/jpeg;base64," + ",".join(parts)
+
+
+def image_data_url(image: np.ndarray) -> str:
+    """One image as a lossless ``data:image/png;base64,...`` URL."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image, mode="RGB").save(buf, format="PNG", compress_level=1)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 class OpenAIBackend(CaptionBackend):
@@ -121,11 +133,13 @@ class OpenAIBackend(CaptionBackend):
             # (its default keeps 32) nor guesses the rate that drives the temporal ids.
             media_io = {"video": {"num_frames": clip.num_frames, "fps": float(clip.sample_fps)}}
         video_part = {"type": "video_url", "video_url": {"url": url}}
+        image_parts = [{"type": "image_url", "image_url": {"url": image_data_url(image)}}
+                       for image in request.images]
         body: dict[str, Any] = {
             "model": self.model_name,
             "messages": build_messages(request.prompt, system_prompt=self.settings.system_prompt,
                                        default_prompt=self.settings.default_prompt,
-                                       video_part=video_part),
+                                       video_part=video_part, image_parts=image_parts),
             "max_tokens": int(values["max_tokens"]),
             "temperature": float(values["temperature"]),
             "top_p": float(values["top_p"]),
@@ -142,7 +156,7 @@ class OpenAIBackend(CaptionBackend):
     async def caption(self, request: CaptionRequest) -> CaptionResult:
         if self._client is None:
             raise EngineDeadError("the openai backend is not started; call start() first")
-        # PNG-encoding the frames is CPU work: keep it off the event loop.
+        # PNG-encoding the frames and images is CPU work: keep it off the event loop.
         body = await asyncio.to_thread(self.request_body, request)
         queued = time.perf_counter()
         async with self._slots:

@@ -1,4 +1,5 @@
-"""The chat prompt every backend sends: system text, one video, the user's text.
+"""The chat prompt every backend sends: system text, the event's images, one video, the
+user's text.
 
 One place builds the messages, so the in-process engine, the remote server and the
 transformers backend render the same prompt through the model's own chat template.
@@ -19,16 +20,22 @@ def user_text(prompt: str | None, default_prompt: str = DEFAULT_PROMPT) -> str:
 
 def build_messages(prompt: str | None, *, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
                    default_prompt: str = DEFAULT_PROMPT,
-                   video_part: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Chat messages with the video before the text, as Qwen2.5-VL was trained.
+                   video_part: dict[str, Any] | None = None, images: int = 0,
+                   image_parts: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Chat messages with the images, then the video, then the text, as Qwen2.5-VL was
+    trained (media before the question).
 
-    ``video_part`` replaces the bare ``{"type": "video"}`` placeholder, e.g. with an
-    OpenAI ``video_url`` part for a remote server.
+    ``images`` bare ``{"type": "image"}`` placeholders come first; ``image_parts`` replaces
+    them (e.g. OpenAI ``image_url`` parts). ``video_part`` replaces the bare
+    ``{"type": "video"}`` placeholder, e.g. with an OpenAI ``video_url`` part.
     """
     messages: list[dict[str, Any]] = []
     if system_prompt:
         messages.append({"role": "system", "content": system_prompt})
+    if image_parts is None:
+        image_parts = [{"type": "image"} for _ in range(images)]
     messages.append({"role": "user", "content": [
+        *image_parts,
         video_part or {"type": "video"},
         {"type": "text", "text": user_text(prompt, default_prompt)},
     ]})

@@ -64,8 +64,9 @@ class VllmBackend(CaptionBackend):
         self._dead_event = asyncio.Event()
         self._watchdog: asyncio.Task[None] | None = None
         self._in_flight: set[str] = set()
-        # Rendered chat prompts by user text: the template is rendered once per distinct text.
-        self._prompt_cache: dict[str | None, str] = {}
+        # Rendered chat prompts by (user text, image count): the template is rendered once
+        # per distinct pair.
+        self._prompt_cache: dict[tuple[str | None, int], str] = {}
 
     @property
     def engine(self) -> Any:
@@ -121,18 +122,21 @@ class VllmBackend(CaptionBackend):
                 "backend": self.name, "max_model_len": self.settings.max_model_len,
                 "dtype": self.settings.dtype}
 
-    def prompt_text(self, prompt: str | None) -> str:
-        """The full chat-templated prompt for a user's text (video placeholder included)."""
+    def prompt_text(self, prompt: str | None, images: int = 0) -> str:
+        """The full chat-templated prompt for a user's text (``images`` image placeholders,
+        then the video placeholder, then the text)."""
         if self._tokenizer is None:
             raise EngineDeadError("the vLLM backend is not started; call start() first")
-        text = self._prompt_cache.get(prompt)
+        key = (prompt, images)
+        text = self._prompt_cache.get(key)
         if text is None:
             messages = build_messages(prompt, system_prompt=self.settings.system_prompt,
-                                      default_prompt=self.settings.default_prompt)
+                                      default_prompt=self.settings.default_prompt,
+                                      images=images)
             text = render_prompt(self._tokenizer, messages)
             if len(self._prompt_cache) >= _PROMPT_CACHE_SIZE:
                 self._prompt_cache.clear()
-            self._prompt_cache[prompt] = text
+            self._prompt_cache[key] = text
         return text
 
     def sampling_params(self, overrides: dict[str, Any]) -> Any:
@@ -158,8 +162,11 @@ class VllmBackend(CaptionBackend):
             metadata = video_metadata(request.clip)
         except ValueError as e:
             raise InvalidRequestError(str(e)) from e
-        inputs = {"prompt": self.prompt_text(request.prompt),
-                  "multi_modal_data": {"video": (request.clip.frames, metadata)}}
+        media: dict[str, Any] = {"video": (request.clip.frames, metadata)}
+        if request.images:
+            media["image"] = list(request.images)
+        inputs = {"prompt": self.prompt_text(request.prompt, len(request.images)),
+                  "multi_modal_data": media}
         self._in_flight.add(request.request_id)
         run = asyncio.ensure_future(self._generate(request.request_id, inputs, params))
         dead = asyncio.ensure_future(self._dead_event.wait())

@@ -74,3 +74,28 @@ def hf_backend_sync(tiny_settings):
     asyncio.run(backend.start())
     yield backend
     asyncio.run(backend.close())
+
+
+# Images per prompt for the image-capable engine; the shared engine keeps the CPU default (0).
+IMAGE_LIMIT = {"image": 2, "video": 1}
+
+
+@pytest.fixture(scope="session")
+def tiny_image_settings(tiny_model_dir: Path, serving_work_dir: Path):
+    """``tiny_settings`` with images allowed (``limit_mm_per_prompt`` image 2)."""
+    return tiny_cpu_settings(tiny_model_dir, temperature=0.0, max_tokens=12,
+                             work_dir=serving_work_dir, limit_mm_per_prompt=IMAGE_LIMIT)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def vllm_image_backend(tiny_image_settings) -> AsyncIterator:
+    """A second CPU engine that accepts images, for one module at a time (mark its tests
+    ``@pytest.mark.asyncio(loop_scope="module")``); closed when the module ends."""
+    from captionflow.serving.vllm_engine import VllmBackend
+
+    backend = VllmBackend(tiny_image_settings)
+    await backend.start()
+    try:
+        yield backend
+    finally:
+        await backend.close()
