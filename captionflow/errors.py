@@ -1,8 +1,18 @@
-"""Every error captionflow raises, with a stable code and a ``retriable`` flag.
+"""Every error captionflow raises, with a stable code, a ``retriable`` flag and a kind.
 
 Codes are part of the public contract: they land in dead-letter events and in batch-mode
 rows, and users alert on them. Add codes; never rename or reuse one. The table in
-``docs/errors.md`` is checked against :class:`ErrorCode` by the tests.
+``docs/errors.md`` is checked against :class:`ErrorCode` and :class:`ErrorKind` by the tests.
+
+The kind decides what a worker does with a failed record:
+
+- ``event``: this record is bad. Retried if ``retriable``, then dead-lettered.
+- ``dependency``: something the record needs is down (engine, broker, object store). Never
+  the record's fault: the worker pauses, keeps the record uncommitted, probes the
+  dependency and retries the record once it answers. Only a record that keeps failing
+  while its dependency answers probes is dead-lettered, after ``worker.max_attempts``.
+- ``fatal``: the process cannot go on (dead engine, bad settings); it exits non-zero
+  without committing unfinished work, and an orchestrator restarts it.
 """
 
 from __future__ import annotations
@@ -31,12 +41,33 @@ class ErrorCode(StrEnum):
     ENGINE_OVERLOADED = "engine_overloaded"
     ENGINE_FAILED = "engine_failed"
     ENGINE_DEAD = "engine_dead"
+    ENGINE_UNAVAILABLE = "engine_unavailable"
+    ENGINE_TIMEOUT = "engine_timeout"
+    ENGINE_STALLED = "engine_stalled"
+    # Object storage
+    STORE_UNAVAILABLE = "store_unavailable"
     # Publishing and everything else
+    OUTPUT_TOO_LARGE = "output_too_large"
     PUBLISH_FAILED = "publish_failed"
     REBALANCE_FAILED = "rebalance_failed"
     CONFIG_INVALID = "config_invalid"
     BROKER_UNAVAILABLE = "broker_unavailable"
     INTERNAL = "internal"
+
+
+class ErrorKind(StrEnum):
+    EVENT = "event"
+    DEPENDENCY = "dependency"
+    FATAL = "fatal"
+
+
+class Dependency(StrEnum):
+    """What a dependency error is waiting for (the ``dependency`` label of
+    ``captionflow_dependency_up``)."""
+
+    ENGINE = "engine"
+    BROKER = "broker"
+    OBJECT_STORE = "object_store"
 
 
 class CaptionflowError(Exception):
@@ -48,6 +79,7 @@ class CaptionflowError(Exception):
 
     code: ErrorCode = ErrorCode.INTERNAL
     retriable: bool = False
+    kind: ErrorKind = ErrorKind.EVENT
 
     def __init__(self, message: str, *, code: ErrorCode | None = None,
                  retriable: bool | None = None) -> None:
@@ -66,11 +98,58 @@ class ConfigError(CaptionflowError):
     """Settings that cannot work together; the message says what to change."""
 
     code = ErrorCode.CONFIG_INVALID
+    kind = ErrorKind.FATAL
 
 
-class BrokerUnavailableError(CaptionflowError):
-    code = ErrorCode.BROKER_UNAVAILABLE
+# --- dependency errors: an outage, never the record's fault -------------------------------
+
+
+class DependencyError(CaptionflowError):
+    """A dependency is unreachable, overloaded, restarting or hung. ``dependency`` names it,
+    so the worker knows which probe to run before retrying."""
+
+    kind = ErrorKind.DEPENDENCY
     retriable = True
+    dependency: Dependency = Dependency.ENGINE
+
+    def __init__(self, message: str, *, code: ErrorCode | None = None,
+                 retriable: bool | None = None, dependency: Dependency | None = None,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(message, code=code, retriable=retriable)
+        if dependency is not None:
+            self.dependency = dependency
+        # A server's own hint (HTTP Retry-After), already capped by whoever raised this.
+        self.retry_after_s = retry_after_s
+
+
+class BrokerUnavailableError(DependencyError):
+    code = ErrorCode.BROKER_UNAVAILABLE
+    dependency = Dependency.BROKER
+
+
+class EngineUnavailableError(DependencyError):
+    """The serving backend does not answer: connection refused, 5xx, 503 while restarting."""
+
+    code = ErrorCode.ENGINE_UNAVAILABLE
+
+
+class EngineOverloadedError(DependencyError):
+    """The serving backend refused the request for load (HTTP 429, queue full)."""
+
+    code = ErrorCode.ENGINE_OVERLOADED
+
+
+class EngineTimeoutError(DependencyError):
+    """A request passed ``serving.request_timeout_s``: a hung or saturated engine."""
+
+    code = ErrorCode.ENGINE_TIMEOUT
+
+
+class ObjectStoreUnavailableError(DependencyError):
+    """The object store does not answer, throttles, or fails with 5xx."""
+
+    code = ErrorCode.STORE_UNAVAILABLE
+    dependency = Dependency.OBJECT_STORE
 
 
 # --- per-event errors: they fail one event, which becomes a dead-letter event -------------
@@ -134,11 +213,6 @@ class InvalidRequestError(EventError):
     code = ErrorCode.INVALID_REQUEST
 
 
-class EngineOverloadedError(EventError):
-    code = ErrorCode.ENGINE_OVERLOADED
-    retriable = True
-
-
 class EngineRequestFailedError(EventError):
     """The engine failed one request for a reason that is not known to be permanent."""
 
@@ -149,12 +223,26 @@ class EngineRequestFailedError(EventError):
 # --- fatal errors: the worker stops, commits nothing unfinished, exits non-zero ------------
 
 
+class OutputTooLargeError(EventError):
+    """The caption event does not fit the producer's limit even without its echoed fields."""
+
+    code = ErrorCode.OUTPUT_TOO_LARGE
+
+
 class FatalError(CaptionflowError):
     """The process cannot go on; an orchestrator should restart it."""
+
+    kind = ErrorKind.FATAL
 
 
 class EngineDeadError(FatalError):
     code = ErrorCode.ENGINE_DEAD
+
+
+class EngineStalledError(FatalError):
+    """Requests were in flight and no token came back for ``worker.engine_stall_exit_s``."""
+
+    code = ErrorCode.ENGINE_STALLED
 
 
 class PublishFailedError(FatalError):

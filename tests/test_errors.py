@@ -8,12 +8,15 @@ from captionflow.errors import CaptionflowError, ErrorCode
 DOC = Path(__file__).parents[1] / "docs" / "errors.md"
 
 
-def test_every_code_is_documented_once_with_its_retriable_flag() -> None:
-    rows = dict(re.findall(r"^\| `([a-z_]+)` \| (yes|no) \|", DOC.read_text(), re.MULTILINE))
+def test_every_code_is_documented_once_with_its_kind_and_retriable_flag() -> None:
+    found = re.findall(r"^\| `([a-z_]+)` \| (event|dependency|fatal) \| (yes|no) \|",
+                       DOC.read_text(), re.MULTILINE)
+    rows = {code: (kind, retriable) for code, kind, retriable in found}
+    assert len(rows) == len(found), "a code is documented twice"
     assert set(rows) == {c.value for c in ErrorCode}
     for cls in _error_classes():
         if cls.__dict__.get("code") is not None:
-            assert rows[cls.code.value] == ("yes" if cls.retriable else "no"), cls
+            assert rows[cls.code.value] == (cls.kind.value, "yes" if cls.retriable else "no"), cls
 
 
 def _error_classes() -> list[type[CaptionflowError]]:
