@@ -17,45 +17,78 @@ from typing import Any, TypeVar
 import numpy as np
 
 from captionflow.config import Settings, WorkerSettings
-from captionflow.errors import CaptionflowError, ErrorCode, EventError, InvalidRequestError
+from captionflow.errors import (
+    CaptionflowError,
+    DependencyError,
+    ErrorCode,
+    EventError,
+    FatalError,
+    InvalidRequestError,
+)
 from captionflow.schemas.events import VideoEvent
 from captionflow.serving.base import CaptionRequest, CaptionResult
-from captionflow.video.clip import Clip
+from captionflow.video.clip import Clip, ClipList, ClipStream
 from captionflow.video.images import load_images
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-ClipsFn = Callable[[str, Mapping[str, Any]], Awaitable[list[Clip]]]
+# Either every clip decoded, or a stream that decodes windows on demand (FrameSource.open).
+ClipsFn = Callable[[str, Mapping[str, Any]], Awaitable["list[Clip] | ClipStream"]]
 CaptionFn = Callable[[CaptionRequest], Awaitable[CaptionResult]]
 
 
 class Attempts:
     """Retriable errors are tried again with exponential backoff, up to
-    ``worker.max_attempts`` attempts per event in all; ``count`` is the attempt in progress."""
+    ``worker.max_attempts`` attempts per event in all; ``count`` is the attempt in progress.
+
+    A dependency error (engine, broker or object store down) goes to ``on_dependency``,
+    which waits until the dependency answers and returns whether it answered at once. Only
+    then does the failure count as an attempt: a record is never charged for an outage, and
+    one that fails while its dependency is fine still ends after ``max_attempts``. Without
+    ``on_dependency`` (batch mode), a dependency error is retried like a retriable one."""
 
     def __init__(self, worker: WorkerSettings, *, label: str = "",
-                 on_retry: Callable[[EventError], None] | None = None) -> None:
+                 on_retry: Callable[[CaptionflowError], None] | None = None,
+                 on_dependency: Callable[[DependencyError], Awaitable[bool]] | None = None,
+                 ) -> None:
         self._w = worker
         self._label = label
         self._on_retry = on_retry
+        self._on_dependency = on_dependency
         self.count = 1
 
     async def run(self, fn: Callable[[], Awaitable[T]]) -> T:
         while True:
             try:
                 return await fn()
+            except DependencyError as e:
+                if self._on_dependency is None:
+                    await self._backoff_or_raise(e)
+                    continue
+                log.info("%s: attempt %d waits for %s: %s", self._label, self.count,
+                         e.dependency, e)
+                if await self._on_dependency(e):
+                    await self._backoff_or_raise(e)
             except EventError as e:
-                if not e.retriable or self.count >= self._w.max_attempts:
+                if not e.retriable:
                     raise
-                backoff_ms = min(self._w.retry_backoff_max_ms,
-                                 self._w.retry_backoff_ms * 2 ** (self.count - 1))
-                log.info("%s: attempt %d failed (%s); retrying in %d ms", self._label,
-                         self.count, e, backoff_ms)
-                if self._on_retry is not None:
-                    self._on_retry(e)
-                self.count += 1
-                await asyncio.sleep(backoff_ms / 1000)
+                await self._backoff_or_raise(e)
+
+    async def _backoff_or_raise(self, e: CaptionflowError) -> None:
+        if self.count >= self._w.max_attempts:
+            raise e
+        backoff_ms = min(self._w.retry_backoff_max_ms,
+                         self._w.retry_backoff_ms * 2 ** (self.count - 1))
+        hint_s = getattr(e, "retry_after_s", None)
+        if hint_s is not None:
+            backoff_ms = max(backoff_ms, int(hint_s * 1000))
+        log.info("%s: attempt %d failed (%s); retrying in %d ms", self._label,
+                 self.count, e, backoff_ms)
+        if self._on_retry is not None:
+            self._on_retry(e)
+        self.count += 1
+        await asyncio.sleep(backoff_ms / 1000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,33 +165,88 @@ def window_end_s(clip: Clip) -> float:
 async def caption_event(event: VideoEvent, *, clips: ClipsFn, caption: CaptionFn,
                         settings: Settings, attempts: Attempts) -> EventCaption:
     """Raises ``EventError`` subclasses for this event alone and ``FatalError`` when the
-    backend is gone; ``attempts.count`` tells how many attempts were made either way."""
+    backend is gone; ``attempts.count`` tells how many attempts were made either way.
+
+    ``clips`` may return the clips decoded (a list) or a :class:`ClipStream` (windows decoded
+    on demand): then at most ``video.windows_in_flight`` windows are decoded or captioned at
+    a time and each window's frames are let go once its caption is back, so an event's
+    memory is bounded by that many windows, whatever the video's length. When one window
+    fails for good, the windows still running are cancelled."""
     options = event.options
     overrides = options.frame_overrides() if options else {}
     started = time.monotonic()
     images = await event_images(event, settings, attempts)
-    got = await attempts.run(lambda: clips(event.reference, overrides))
-    fetch_decode_s = time.monotonic() - started
+    images_s = time.monotonic() - started
+    opened = await attempts.run(lambda: clips(event.reference, overrides))
+    stream: ClipStream = ClipList(opened, time.monotonic() - started - images_s) \
+        if isinstance(opened, list) else opened
     prompt = event.prompt(settings.serving.default_prompt)
     sampling = options.sampling.model_dump(exclude_none=True) \
         if options and options.sampling else {}
+    count = stream.count
+    got: list[Clip | None] = [None] * count
+    results: list[CaptionResult | None] = [None] * count
+    gate = asyncio.Semaphore(settings.video.windows_in_flight)
+    caption_spans: list[tuple[float, float]] = []
 
-    async def one(clip: Clip) -> CaptionResult:
-        def attempt() -> Awaitable[CaptionResult]:
-            # Unique per attempt: a result can only ever reach the request that asked.
-            request_id = f"{event.id}#w{clip.window_index or 0}#a{attempts.count}" \
-                         f"-{uuid.uuid4().hex[:8]}"
-            return caption(CaptionRequest(request_id, clip, prompt, sampling, images))
-        return await attempts.run(attempt)
+    async def window(i: int) -> None:
+        async with gate:
+            clip = await attempts.run(lambda: stream.clip(i))
 
-    started = time.monotonic()
-    results = list(await asyncio.gather(*(one(c) for c in got)))
-    caption_s = time.monotonic() - started
-    if len(got) == 1 and got[0].window_index is None:
-        text, finish = results[0].text, results[0].finish_reason
+            def attempt() -> Awaitable[CaptionResult]:
+                # Unique per attempt: a result can only ever reach the request that asked.
+                request_id = f"{event.id}#w{clip.window_index or 0}#a{attempts.count}" \
+                             f"-{uuid.uuid4().hex[:8]}"
+                return caption(CaptionRequest(request_id, clip, prompt, sampling, images))
+
+            asked = time.monotonic()
+            results[i] = await attempts.run(attempt)
+            caption_spans.append((asked, time.monotonic()))
+            got[i] = clip.without_frames() if count > 1 else clip
+
+    try:
+        if count == 1:
+            await window(0)
+        else:
+            try:
+                async with asyncio.TaskGroup() as group:
+                    for i in range(count):
+                        group.create_task(window(i))
+            except BaseExceptionGroup as eg:
+                raise _first_error(eg) from None
+    finally:
+        await stream.aclose()
+    done_clips = [c for c in got if c is not None]
+    done_results = [r for r in results if r is not None]
+    caption_s = max(e for _, e in caption_spans) - min(a for a, _ in caption_spans)
+    if count == 1 and done_clips[0].window_index is None:
+        text, finish = done_results[0].text, done_results[0].finish_reason
     else:
         text = "\n".join(f"[{c.start_s:.1f}s-{window_end_s(c):.1f}s] {r.text}"
-                         for c, r in zip(got, results, strict=True))
-        finish = "length" if any(r.finish_reason == "length" for r in results) else "stop"
-    return EventCaption(text=text, prompt=prompt, finish_reason=finish, clips=got,
-                        results=results, fetch_decode_s=fetch_decode_s, caption_s=caption_s)
+                         for c, r in zip(done_clips, done_results, strict=True))
+        finish = "length" if any(r.finish_reason == "length" for r in done_results) else "stop"
+    return EventCaption(text=text, prompt=prompt, finish_reason=finish, clips=done_clips,
+                        results=done_results, fetch_decode_s=images_s + stream.fetch_decode_s,
+                        caption_s=caption_s)
+
+
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    """The error that ends the event: a fatal one if any (the worker must stop), else the
+    first; cancellations of sibling windows are only their consequence."""
+    flat: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for inner in e.exceptions:
+                walk(inner)
+        else:
+            flat.append(e)
+
+    walk(group)
+    for e in flat:
+        if isinstance(e, FatalError):
+            return e
+    for e in flat:
+        if not isinstance(e, asyncio.CancelledError):
+            return e
+    return flat[0]

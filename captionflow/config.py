@@ -46,8 +46,10 @@ class KafkaSettings(_Section):
     ssl_cafile: Path | None = None
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
-    # On for real clusters; the embedded Tansu broker cannot do it (docs/broker.md).
-    enable_idempotence: bool = True
+    # auto: idempotent where the cluster can give producer ids (real Kafka); where it cannot
+    # (the embedded Tansu broker, docs/broker.md), one warning and a plain producer.
+    # true: required, start-up fails without it. false: off.
+    enable_idempotence: bool | Literal["auto"] = "auto"
     acks: Literal["all", "1", "0"] = "all"
     request_timeout_ms: int = Field(30_000, gt=0)
     # aiokafka's client-side limit on one produced request; caption events stay far below.
@@ -112,6 +114,21 @@ class VideoSettings(_Section):
     fetch_max_redirects: int = Field(5, ge=0)
     # Downloads go here (deleted after decoding); None = the system temp directory.
     download_dir: Path | None = None
+    # s3:// references (docs/storage.md; add "s3" to allowed_schemes). None leaves a value
+    # to the AWS chain: AWS_ENDPOINT_URL, AWS_REGION, AWS_PROFILE, config files, roles.
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_profile: str | None = None
+    s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    # Attempts per S3 request (botocore's standard retries: throttling, 5xx, resets).
+    s3_max_attempts: int = Field(3, ge=1)
+    # Objects up to this size are downloaded in one GET; larger ones are decoded straight
+    # from the store in ranged GETs, read-ahead doubling from s3_min_read_bytes to
+    # s3_max_read_bytes while reads are sequential, s3_cache_bytes kept per video.
+    s3_whole_object_max_bytes: int = Field(8 * 1024**2, ge=0)
+    s3_min_read_bytes: int = Field(256 * 1024, gt=0)
+    s3_max_read_bytes: int = Field(8 * 1024**2, gt=0)
+    s3_cache_bytes: int = Field(32 * 1024**2, gt=0)
     max_duration_s: float = Field(3 * 3600.0, gt=0)
     # Sampling defaults; events may override them within the limits below.
     fps: float = Field(2.0, gt=0)
@@ -125,8 +142,24 @@ class VideoSettings(_Section):
     window_s: float = Field(0.0, ge=0)
     window_overlap_s: float = Field(0.0, ge=0)
     window_min_remainder_s: float = Field(0.0, ge=0)
-    decode_threads: int = Field(0, ge=0)  # codec threads per decode; 0 = let the codec choose
-    decode_workers: int = Field(2, ge=1)  # concurrent decodes (thread pool)
+    # Codec threads per decode; 0 = one per core, at most 8 (each holds a frame in flight).
+    decode_threads: int = Field(0, ge=0)
+    # Decoder child processes (forkserver): concurrent probes/decodes across all events.
+    decode_workers: int = Field(2, ge=1)
+    # Address space (RLIMIT_AS) of each decoder process; over it -> decode_out_of_memory.
+    # 0 = no limit. Covers the interpreter, PyAV's libraries, codec threads and the frames.
+    decode_memory_limit_bytes: int = Field(4 * 1024**3, ge=0)
+    # One probe or window decode past this -> its process is killed, decode_timeout.
+    decode_timeout_s: float = Field(600.0, gt=0)
+    # Budgets checked from the container/stream headers before demuxing and again while
+    # probing (headers can lie), all before any full-resolution decode.
+    max_source_pixels: int = Field(7680 * 4320, gt=0)  # source width * height
+    max_source_frames: int = Field(1_000_000, gt=0)
+    max_probe_packets: int = Field(2_000_000, gt=0)
+    max_windows: int = Field(512, ge=1)  # windows per event (video.window_s)
+    # Windows of one event decoded and captioned at a time: an event's frame memory is this
+    # many windows' frames, whatever the video's length.
+    windows_in_flight: int = Field(2, ge=1)
 
     @model_validator(mode="after")
     def _bounds(self) -> VideoSettings:
@@ -184,6 +217,11 @@ class ServingSettings(_Section):
     openai_base_url: str = "http://127.0.0.1:8000/v1"
     openai_api_key: SecretStr | None = None
     openai_timeout_s: float = Field(600.0, gt=0)
+    # Deadline of one caption request in any backend, queueing inside the engine included;
+    # a request past it fails with engine_timeout (a dependency error).
+    request_timeout_s: float = Field(600.0, gt=0)
+    # A server's Retry-After is obeyed up to this many seconds.
+    retry_after_max_s: float = Field(30.0, ge=0)
     openai_max_concurrency: int = Field(16, ge=1)
     openai_max_retries: int = Field(3, ge=0)
     openai_retry_backoff_ms: int = Field(500, ge=0)
@@ -220,8 +258,33 @@ class WorkerSettings(_Section):
     heartbeat_interval_ms: int = Field(3_000, gt=0)
     max_poll_interval_ms: int = Field(300_000, gt=0)
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
-    # Liveness: the loop must have made progress within this many seconds.
+    # Liveness: a record must have finished within this many seconds, unless there was
+    # nothing to do (idle, or waiting on a dependency that is down and being probed).
     liveness_timeout_s: float = Field(60.0, gt=0)
+    # How long the group coordinator waits for this member to rejoin during a rebalance;
+    # must cover the revoke drain plus the final commit, or the member is expelled.
+    rebalance_timeout_ms: int = Field(60_000, gt=0)
+    # Bound on one offset commit (revoke, shutdown, interval).
+    commit_timeout_ms: int = Field(5_000, gt=0)
+    # Engine stall: requests in flight and no token back for engine_stall_s -> not ready;
+    # for engine_stall_exit_s -> exit non-zero, nothing unfinished committed.
+    engine_stall_s: float = Field(60.0, gt=0)
+    engine_stall_exit_s: float = Field(300.0, gt=0)
+    # Dependency outages: probe with capped exponential backoff (with jitter) until the
+    # dependency answers; each probe gets probe_timeout_s.
+    probe_backoff_initial_ms: int = Field(500, gt=0)
+    probe_backoff_max_ms: int = Field(15_000, gt=0)
+    probe_timeout_s: float = Field(5.0, gt=0)
+    # The broker unreachable this long: exit non-zero so fresh clients reconnect (0 = never).
+    broker_down_exit_s: float = Field(600.0, ge=0)
+    # Poison guard (off with dead_letter_max_ratio=1): when more than this share of the last
+    # poison_window_records records were dead-lettered with one code, stop consuming and turn
+    # not ready, so a bad deploy cannot drain a topic into the dead-letter topic.
+    dead_letter_max_ratio: float = Field(0.9, gt=0, le=1)
+    poison_window_records: int = Field(200, ge=1)
+    # Dead-letter events carry at most this prefix of the raw payload (plus its size and
+    # sha256), so they always fit the producer's limit.
+    dead_letter_payload_max_bytes: int = Field(65_536, ge=0)
 
     @model_validator(mode="after")
     def _watermarks(self) -> WorkerSettings:
@@ -231,6 +294,17 @@ class WorkerSettings(_Section):
             raise ValueError("worker.heartbeat_interval_ms must be below worker.session_timeout_ms")
         if self.revoke_grace_s * 1000 >= self.max_poll_interval_ms:
             raise ValueError("worker.revoke_grace_s must fit inside worker.max_poll_interval_ms")
+        if self.rebalance_timeout_ms < self.revoke_grace_s * 1000 + self.commit_timeout_ms:
+            raise ValueError(
+                f"worker.rebalance_timeout_ms ({self.rebalance_timeout_ms}) must cover "
+                f"worker.revoke_grace_s ({self.revoke_grace_s} s) plus worker.commit_timeout_ms "
+                f"({self.commit_timeout_ms}); otherwise a draining member misses the rejoin "
+                "deadline and its commit fails: raise it or lower revoke_grace_s")
+        if self.engine_stall_exit_s <= self.engine_stall_s:
+            raise ValueError("worker.engine_stall_exit_s must be above worker.engine_stall_s")
+        if self.probe_backoff_max_ms < self.probe_backoff_initial_ms:
+            raise ValueError(
+                "worker.probe_backoff_max_ms must not be below worker.probe_backoff_initial_ms")
         return self
 
 

@@ -35,6 +35,12 @@ class ErrorCode(StrEnum):
     VIDEO_UNREADABLE = "video_unreadable"
     VIDEO_EMPTY = "video_empty"
     VIDEO_TOO_LONG = "video_too_long"
+    VIDEO_RESOLUTION_TOO_LARGE = "video_resolution_too_large"
+    VIDEO_TOO_MANY_FRAMES = "video_too_many_frames"
+    VIDEO_TOO_MANY_WINDOWS = "video_too_many_windows"
+    DECODE_CRASHED = "decode_crashed"
+    DECODE_OUT_OF_MEMORY = "decode_out_of_memory"
+    DECODE_TIMEOUT = "decode_timeout"
     # Captioning
     PROMPT_TOO_LONG = "prompt_too_long"
     INVALID_REQUEST = "invalid_request"
@@ -52,6 +58,10 @@ class ErrorCode(StrEnum):
     REBALANCE_FAILED = "rebalance_failed"
     CONFIG_INVALID = "config_invalid"
     BROKER_UNAVAILABLE = "broker_unavailable"
+    BROKER_IDEMPOTENCE_UNSUPPORTED = "broker_idempotence_unsupported"
+    BROKER_AUTHENTICATION_FAILED = "broker_authentication_failed"
+    BROKER_AUTHORIZATION_FAILED = "broker_authorization_failed"
+    BROKER_TLS_FAILED = "broker_tls_failed"
     INTERNAL = "internal"
 
 
@@ -99,6 +109,33 @@ class ConfigError(CaptionflowError):
 
     code = ErrorCode.CONFIG_INVALID
     kind = ErrorKind.FATAL
+
+
+# The cluster answers but refuses these settings: waiting will not help, changing them will.
+
+
+class BrokerIdempotenceUnsupportedError(ConfigError):
+    """``kafka.enable_idempotence`` is true and the cluster cannot give producer ids."""
+
+    code = ErrorCode.BROKER_IDEMPOTENCE_UNSUPPORTED
+
+
+class BrokerAuthenticationError(ConfigError):
+    """SASL authentication failed (wrong mechanism, user or password)."""
+
+    code = ErrorCode.BROKER_AUTHENTICATION_FAILED
+
+
+class BrokerAuthorizationError(ConfigError):
+    """Authenticated, but an ACL denies a topic, the group or the cluster."""
+
+    code = ErrorCode.BROKER_AUTHORIZATION_FAILED
+
+
+class BrokerTlsError(ConfigError):
+    """The TLS handshake failed (certificate not trusted, wrong listener, bad key)."""
+
+    code = ErrorCode.BROKER_TLS_FAILED
 
 
 # --- dependency errors: an outage, never the record's fault -------------------------------
@@ -203,6 +240,43 @@ class VideoEmptyError(EventError):
 
 class VideoTooLongError(EventError):
     code = ErrorCode.VIDEO_TOO_LONG
+
+
+class VideoResolutionTooLargeError(EventError):
+    """The source picture is larger than ``video.max_source_pixels`` (header or frame)."""
+
+    code = ErrorCode.VIDEO_RESOLUTION_TOO_LARGE
+
+
+class VideoTooManyFramesError(EventError):
+    """More frames or packets than ``video.max_source_frames`` / ``max_probe_packets``."""
+
+    code = ErrorCode.VIDEO_TOO_MANY_FRAMES
+
+
+class VideoTooManyWindowsError(EventError):
+    """The video would be cut into more than ``video.max_windows`` windows."""
+
+    code = ErrorCode.VIDEO_TOO_MANY_WINDOWS
+
+
+class DecodeCrashedError(EventError):
+    """The decoder process died (a crash in FFmpeg, or killed) while on this video. Not
+    retried: a video that crashes the decoder once will crash it again."""
+
+    code = ErrorCode.DECODE_CRASHED
+
+
+class DecodeOutOfMemoryError(EventError):
+    """Decoding needed more than ``video.decode_memory_limit_bytes``."""
+
+    code = ErrorCode.DECODE_OUT_OF_MEMORY
+
+
+class DecodeTimeoutError(EventError):
+    """One probe or decode ran past ``video.decode_timeout_s``; its process was killed."""
+
+    code = ErrorCode.DECODE_TIMEOUT
 
 
 class PromptTooLongError(EventError):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -46,6 +48,16 @@ class Clip:
     def num_frames(self) -> int:
         return int(self.frames.shape[0])
 
+    def without_frames(self) -> Clip:
+        """This clip with its pixels let go: ``frames`` becomes a read-only zero-stride
+        array of the same shape and dtype (one byte of memory), so sizes still read right
+        once the model is done with the frames."""
+        empty = np.lib.stride_tricks.as_strided(np.zeros(1, self.frames.dtype),
+                                                shape=self.frames.shape,
+                                                strides=(0,) * self.frames.ndim,
+                                                writeable=False)
+        return dataclasses.replace(self, frames=empty)
+
     def vllm_metadata(self) -> dict[str, Any]:
         """The metadata vLLM's Qwen2.5-VL path needs beside the frames (vLLM 0.32).
 
@@ -66,3 +78,43 @@ class Clip:
             "video_backend": "pyav",
             "do_sample_frames": False,
         }
+
+
+@runtime_checkable
+class ClipStream(Protocol):
+    """The clips of one video, decoded one at a time on demand (long videos: windows).
+
+    ``count`` clips; ``await clip(i)`` decodes clip ``i``; ``fetch_decode_s`` is the time
+    spent fetching, probing and decoding so far; ``aclose()`` releases the source."""
+
+    @property
+    def count(self) -> int: ...
+
+    @property
+    def fetch_decode_s(self) -> float: ...
+
+    async def clip(self, index: int) -> Clip: ...
+
+    async def aclose(self) -> None: ...
+
+
+class ClipList:
+    """A :class:`ClipStream` over clips already decoded."""
+
+    def __init__(self, clips: Sequence[Clip], fetch_decode_s: float = 0.0) -> None:
+        self._clips = list(clips)
+        self._fetch_decode_s = fetch_decode_s
+
+    @property
+    def count(self) -> int:
+        return len(self._clips)
+
+    @property
+    def fetch_decode_s(self) -> float:
+        return self._fetch_decode_s
+
+    async def clip(self, index: int) -> Clip:
+        return self._clips[index]
+
+    async def aclose(self) -> None:
+        self._clips.clear()

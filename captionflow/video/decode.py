@@ -15,13 +15,18 @@ Two passes over the file:
 If the fast path misses a frame (a stream whose index lies), the missing frames are decoded
 again linearly, without skipping or seeking; only frames the codec cannot produce at all
 make the video unreadable.
+
+Budgets (``video.max_source_pixels``, ``max_source_frames``, ``max_probe_packets``,
+``max_duration_s``) are checked from the headers before demuxing, again while demuxing (a
+header can lie), and the picture size once more on every decoded frame. The probe keeps
+three flat arrays (8 + 8 + 1 bytes per packet), not a Python object per packet.
 """
 
 from __future__ import annotations
 
-import bisect
 import os
-from collections.abc import Iterator
+from array import array
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -30,29 +35,51 @@ import av
 import av.error
 import numpy as np
 
-from captionflow.errors import VideoEmptyError, VideoTooLongError, VideoUnreadableError
+from captionflow.errors import (
+    DecodeOutOfMemoryError,
+    VideoEmptyError,
+    VideoResolutionTooLargeError,
+    VideoTooLongError,
+    VideoTooManyFramesError,
+    VideoUnreadableError,
+)
 from captionflow.video.clip import VideoFacts
+from captionflow.video.ranged import RemoteVideo
 
 # Decoders that read skip_frame for every frame (others read it once at open, or ignore it).
 _SKIP_NONREF_CODECS = frozenset({"h264", "hevc"})
 _STILL_IMAGE_FPS = 25.0
 # A seek drains the frame-thread pipeline; below this many skipped frames it does not pay.
 _MIN_SEEK_GAP_FRAMES = 16
+# Frame threads each hold a frame in flight; more than this buys little and costs memory.
+_MAX_AUTO_THREADS = 8
+# How often (in packets) the probe re-checks the duration budget while demuxing.
+_CHECK_EVERY_PACKETS = 1024
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class VideoIndex:
-    """What the demux pass learned: frame ``i`` (presentation order) has ``pts[i]``."""
+    """What the demux pass learned: frame ``i`` (presentation order) has ``pts[i]``.
+
+    ``pts`` and ``keyframe_pts`` are sorted int64 arrays (8 bytes a frame)."""
 
     facts: VideoFacts
-    pts: tuple[int, ...]
+    pts: np.ndarray
     time_base: Fraction
-    keyframe_pts: tuple[int, ...]
+    keyframe_pts: np.ndarray
     # False when a GOP has frames shown before its keyframe (open GOP): seeking is unsafe.
     seekable: bool
 
     def timestamp_s(self, frame_index: int) -> float:
-        return round(float((self.pts[frame_index] - self.pts[0]) * self.time_base), 6)
+        return round(float((int(self.pts[frame_index]) - int(self.pts[0])) * self.time_base), 6)
+
+
+def check_pixels(name: str, width: int, height: int, max_source_pixels: int | None,
+                 where: str) -> None:
+    if max_source_pixels is not None and width * height > max_source_pixels:
+        raise VideoResolutionTooLargeError(
+            f"{name} is {width}x{height} ({where}), over video.max_source_pixels="
+            f"{max_source_pixels}; send a smaller video or raise the limit")
 
 
 @dataclass(slots=True)
@@ -65,9 +92,11 @@ class DecodeStats:
     rotation_deg: int = 0
 
 
-def _open(path: Path) -> av.container.InputContainer:
+def _open(path: Path | RemoteVideo, *, index_only: bool = False) -> av.container.InputContainer:
+    # A RemoteVideo (object store) is read in ranges through a Python file object.
+    target = str(path) if isinstance(path, Path) else path.open(index_only=index_only)
     try:
-        return av.open(str(path), metadata_errors="ignore")
+        return av.open(target, metadata_errors="ignore")
     except av.error.EOFError as e:
         raise VideoEmptyError(
             f"{path.name} ends before its first frame; send a video with frames in it") from e
@@ -92,63 +121,97 @@ def _video_stream(container: av.container.InputContainer, path: Path) -> av.Vide
     return stream
 
 
-def probe(path: Path, *, max_duration_s: float) -> VideoIndex:
-    """Demux ``path`` (no decoding) and return its frame index and facts."""
-    size_bytes = path.stat().st_size
+def probe(path: Path, *, max_duration_s: float, max_source_pixels: int | None = None,
+          max_source_frames: int | None = None,
+          max_probe_packets: int | None = None) -> VideoIndex:
+    """Demux ``path`` (no decoding) and return its frame index and facts, enforcing the
+    budgets (None = no limit) from the headers first and again while demuxing."""
+    size_bytes = path.stat().st_size if isinstance(path, Path) else path.size_bytes
     if size_bytes == 0:
         raise VideoEmptyError(f"{path.name} is empty (0 bytes)")
-    with _open(path) as container:
+    with _open(path, index_only=True) as container:
         stream = _video_stream(container, path)
         codec = stream.codec_context.codec.canonical_name
         tb = stream.time_base or Fraction(1, 90000)
+        check_pixels(path.name, stream.codec_context.width, stream.codec_context.height,
+                     max_source_pixels, "stream header")
         header_s = _header_duration_s(container, stream)
         if header_s is not None and header_s > max_duration_s:
-            raise VideoTooLongError(
-                f"{path.name} lasts {header_s:.0f} s, over video.max_duration_s="
-                f"{max_duration_s:.0f}; send a shorter video or raise the limit")
-        packets: list[tuple[int, bool, int]] = []  # (pts, keyframe, duration), decode order
+            raise _too_long(path, header_s, max_duration_s)
+        if max_source_frames is not None and (stream.frames or 0) > max_source_frames:
+            raise _too_many_frames(path, f"{stream.frames} frames (stream header)",
+                                   max_source_frames)
+        pts_list = array("q")  # decode order
+        dur_list = array("q")
+        key_list = bytearray()
+        max_ticks = max_duration_s / tb if tb else None
+        first_pts: int | None = None
         try:
             for packet in container.demux(stream):
                 if packet.size == 0:
                     continue
                 pts = packet.pts if packet.pts is not None else packet.dts
                 if pts is None:
-                    pts = packets[-1][0] + 1 if packets else 0
-                packets.append((pts, packet.is_keyframe, packet.duration or 0))
+                    pts = pts_list[-1] + 1 if pts_list else 0
+                pts_list.append(pts)
+                dur_list.append(packet.duration or 0)
+                key_list.append(packet.is_keyframe)
+                n = len(pts_list)
+                if max_probe_packets is not None and n > max_probe_packets:
+                    raise _too_many_frames(path, f"over {max_probe_packets} packets",
+                                           max_probe_packets, "max_probe_packets")
+                if n % _CHECK_EVERY_PACKETS == 0 and max_ticks is not None:
+                    first_pts = pts_list[0] if first_pts is None else first_pts
+                    if pts - first_pts > max_ticks:
+                        raise _too_long(path, float((pts - first_pts) * tb), max_duration_s)
+        except av.error.MemoryError as e:
+            raise _out_of_memory(path.name) from e
         except av.error.FFmpegError:
             pass  # a truncated tail: index what was readable
         width, height = stream.codec_context.width, stream.codec_context.height
         guessed = float(stream.guessed_rate or stream.average_rate or 0) or _STILL_IMAGE_FPS
-    if not packets:
+    if not pts_list:
         raise VideoEmptyError(f"{path.name} has a video stream but no frames in it")
     if width <= 0 or height <= 0:
         raise VideoUnreadableError(f"{path.name}: the video stream has no picture size")
-    pts_sorted = sorted({p for p, _, _ in packets})
-    keyframes = sorted({p for p, key, _ in packets if key}) or [pts_sorted[0]]
-    seekable = True
-    last_key = None
-    for pts, key, _ in packets:
-        if key:
-            last_key = pts
-        elif last_key is not None and pts < last_key:
-            seekable = False
-            break
+    check_pixels(path.name, width, height, max_source_pixels, "after demuxing")
+    pts_all = np.frombuffer(pts_list, np.int64)
+    keys = np.frombuffer(key_list, np.uint8).astype(bool)
+    pts_sorted = np.unique(pts_all)
+    if max_source_frames is not None and len(pts_sorted) > max_source_frames:
+        raise _too_many_frames(path, f"{len(pts_sorted)} frames", max_source_frames)
+    keyframes = np.unique(pts_all[keys]) if keys.any() else pts_sorted[:1].copy()
+    # Open GOP: a packet after a keyframe (decode order) shown before it.
+    key_at = np.maximum.accumulate(np.where(keys, np.arange(len(keys)), -1))
+    after_key = key_at >= 0
+    seekable = not bool(np.any(after_key & ~keys &
+                               (pts_all < pts_all[np.maximum(key_at, 0)])))
     if len(pts_sorted) > 1:
-        deltas = np.diff(pts_sorted)
-        last_dur = max(packets, key=lambda p: p[0])[2] or int(np.median(deltas))
-        duration_s = float((pts_sorted[-1] - pts_sorted[0] + last_dur) * tb)
+        last_dur = int(dur_list[int(np.argmax(pts_all))]) or int(np.median(np.diff(pts_sorted)))
+        duration_s = float((int(pts_sorted[-1]) - int(pts_sorted[0]) + last_dur) * tb)
     else:
         duration_s = 1.0 / guessed
     if duration_s > max_duration_s:
-        raise VideoTooLongError(
-            f"{path.name} lasts {duration_s:.0f} s, over video.max_duration_s="
-            f"{max_duration_s:.0f}; send a shorter video or raise the limit")
+        raise _too_long(path, duration_s, max_duration_s)
     fps = len(pts_sorted) / duration_s if duration_s > 0 else guessed
     facts = VideoFacts(duration_s=round(duration_s, 6), source_fps=round(fps, 6),
                        total_frames=len(pts_sorted), width=width, height=height, codec=codec,
                        size_bytes=size_bytes)
-    return VideoIndex(facts=facts, pts=tuple(pts_sorted), time_base=tb,
-                      keyframe_pts=tuple(keyframes), seekable=seekable)
+    return VideoIndex(facts=facts, pts=pts_sorted, time_base=tb, keyframe_pts=keyframes,
+                      seekable=seekable)
+
+
+def _too_long(path: Path, seconds: float, max_duration_s: float) -> VideoTooLongError:
+    return VideoTooLongError(
+        f"{path.name} lasts {seconds:.0f} s, over video.max_duration_s="
+        f"{max_duration_s:.0f}; send a shorter video or raise the limit")
+
+
+def _too_many_frames(path: Path, what: str, limit: int,
+                     setting: str = "max_source_frames") -> VideoTooManyFramesError:
+    return VideoTooManyFramesError(
+        f"{path.name} has {what}, over video.{setting}={limit}; send a shorter video or "
+        "raise the limit")
 
 
 def _header_duration_s(container: av.container.InputContainer,
@@ -160,23 +223,31 @@ def _header_duration_s(container: av.container.InputContainer,
     return None
 
 
+Alloc = Callable[[tuple[int, ...]], np.ndarray]
+
+
 def decode_frames(path: Path, index: VideoIndex, frame_indices: list[int], *,
-                  height: int, width: int, threads: int = 0) -> tuple[np.ndarray, DecodeStats]:
+                  height: int, width: int, threads: int = 0,
+                  max_source_pixels: int | None = None,
+                  alloc: Alloc | None = None) -> tuple[np.ndarray, DecodeStats]:
     """Decode ``frame_indices`` (sorted, repeats allowed) of ``path`` scaled to
     ``height`` x ``width`` (coded orientation), as uint8 RGB ``(T, H, W, 3)`` turned upright.
 
     The rotation comes from the first decoded frame's display matrix and is returned in
-    ``stats.rotation_deg``; a quarter turn swaps the output's height and width.
+    ``stats.rotation_deg``; a quarter turn swaps the output's height and width. ``alloc``
+    makes the output array (e.g. in shared memory); a decoded frame larger than
+    ``max_source_pixels`` raises ``video_resolution_too_large``.
     """
     wanted = sorted(set(frame_indices))
-    target_pts = [index.pts[i] for i in wanted]
+    target_pts = [int(index.pts[i]) for i in wanted]
     stats = DecodeStats()
     got: dict[int, np.ndarray] = {}
-    _decode_into(path, index, target_pts, got, stats, height, width, threads, fast=True)
+    opts = _Options(height, width, threads, max_source_pixels, path.name)
+    _decode_into(path, index, target_pts, got, stats, opts, fast=True)
     missing = [p for p in target_pts if p not in got]
     if missing:
         stats.linear_fallback = True
-        _decode_into(path, index, missing, got, stats, height, width, threads, fast=False)
+        _decode_into(path, index, missing, got, stats, opts, fast=False)
         missing = [p for p in target_pts if p not in got]
     if missing:
         if not got:
@@ -186,22 +257,33 @@ def decode_frames(path: Path, index: VideoIndex, frame_indices: list[int], *,
             f"decoded ({stats.decode_errors} decode errors); the file is corrupt")
     turns = stats.rotation_deg // 90  # np.rot90 turns counter-clockwise, as players do
     out_h, out_w = (width, height) if stats.rotation_deg in (90, 270) else (height, width)
-    out = np.empty((len(frame_indices), out_h, out_w, 3), np.uint8)
+    shape = (len(frame_indices), out_h, out_w, 3)
+    out = alloc(shape) if alloc is not None else np.empty(shape, np.uint8)
     for row, i in enumerate(frame_indices):
-        out[row] = np.rot90(got[index.pts[i]], k=turns) if turns else got[index.pts[i]]
+        frame = got[int(index.pts[i])]
+        out[row] = np.rot90(frame, k=turns) if turns else frame
     return out, stats
 
 
+@dataclass(frozen=True, slots=True)
+class _Options:
+    height: int
+    width: int
+    threads: int
+    max_source_pixels: int | None
+    name: str
+
+
 def _decode_into(path: Path, index: VideoIndex, target_pts: list[int], got: dict[int, np.ndarray],
-                 stats: DecodeStats, height: int, width: int, threads: int, *,
-                 fast: bool) -> None:
+                 stats: DecodeStats, opts: _Options, *, fast: bool) -> None:
     targets = set(target_pts)
     pending = sorted(targets)  # pending[0] is the next frame still to come
+    height, width = opts.height, opts.width
     with _open(path) as container:
         stream = container.streams.video[0]
         ctx = stream.codec_context
         ctx.thread_type = "AUTO"
-        ctx.thread_count = threads or min(os.cpu_count() or 1, 16)
+        ctx.thread_count = opts.threads or min(os.cpu_count() or 1, _MAX_AUTO_THREADS)
         skip_ok = fast and ctx.name in _SKIP_NONREF_CODECS
         seek_ok = fast and index.seekable and len(index.keyframe_pts) > 1
         skip_mode = "DEFAULT"
@@ -209,6 +291,8 @@ def _decode_into(path: Path, index: VideoIndex, target_pts: list[int], got: dict
 
         def take(frames: list[av.VideoFrame]) -> None:
             for frame in frames:
+                check_pixels(opts.name, frame.width, frame.height, opts.max_source_pixels,
+                             "a decoded frame")
                 if stats.frames_decoded == 0:
                     # The display matrix angle, counter-clockwise, as ffprobe reports it.
                     stats.rotation_deg = int(round(frame.rotation)) % 360
@@ -238,7 +322,7 @@ def _decode_into(path: Path, index: VideoIndex, target_pts: list[int], got: dict
                         gop_start not in seeked_to and \
                         _frames_between(index, pts, gop_start) >= _MIN_SEEK_GAP_FRAMES:
                     # Nothing sampled before gop_start: drain what is in flight, jump there.
-                    take(_drain(ctx, stats))
+                    take(_drain(ctx, stats, opts.name))
                     seeked_to.add(gop_start)
                     container.seek(gop_start, stream=stream, backward=True)
                     ctx.flush_buffers()
@@ -252,23 +336,33 @@ def _decode_into(path: Path, index: VideoIndex, target_pts: list[int], got: dict
             stats.packets_decoded += 1
             try:
                 take(ctx.decode(packet))
+            except av.error.MemoryError as e:
+                raise _out_of_memory(opts.name) from e
             except av.error.FFmpegError:
                 stats.decode_errors += 1
-        take(_drain(ctx, stats))
+        take(_drain(ctx, stats, opts.name))
 
 
-def _drain(ctx: av.VideoCodecContext, stats: DecodeStats) -> list[av.VideoFrame]:
+def _out_of_memory(name: str) -> DecodeOutOfMemoryError:
+    return DecodeOutOfMemoryError(
+        f"decoding {name} ran out of memory (video.decode_memory_limit_bytes); send a "
+        "smaller video or raise the limit")
+
+
+def _drain(ctx: av.VideoCodecContext, stats: DecodeStats, name: str) -> list[av.VideoFrame]:
     try:
         return list(ctx.decode(None))
+    except av.error.MemoryError as e:
+        raise _out_of_memory(name) from e
     except av.error.FFmpegError:
         stats.decode_errors += 1
         return []
 
 
-def _gop_start(keyframe_pts: tuple[int, ...], pts: int) -> int:
-    i = bisect.bisect_right(keyframe_pts, pts) - 1
-    return keyframe_pts[max(i, 0)]
+def _gop_start(keyframe_pts: np.ndarray, pts: int) -> int:
+    i = int(np.searchsorted(keyframe_pts, pts, side="right")) - 1
+    return int(keyframe_pts[max(i, 0)])
 
 
 def _frames_between(index: VideoIndex, from_pts: int, to_pts: int) -> int:
-    return bisect.bisect_left(index.pts, to_pts) - bisect.bisect_left(index.pts, from_pts)
+    return int(np.searchsorted(index.pts, to_pts) - np.searchsorted(index.pts, from_pts))

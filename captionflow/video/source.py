@@ -1,19 +1,27 @@
 """The decode stage's front door: a reference in, sampled clips out.
 
-``load_clips`` does the work synchronously (batch mode, tests, the transformers backend);
-``FrameSource`` runs the same function in a bounded thread pool so the event loop never
-waits on a video. Threads suffice because PyAV releases the GIL while demuxing, decoding
-and scaling (docs/video.md has the measurement).
+``load_clips`` does the work synchronously, in this process (tests, benchmarks, tools).
+``FrameSource`` is what the worker and batch mode use: the fetch runs in a daemon thread
+(its wall-clock deadline ends it; shutdown never waits for it), the probe and every decode
+run in a :class:`captionflow.video.pool.DecodePool` child process, so a crash or a memory
+blow-up in FFmpeg fails one event and never the worker. ``FrameSource.open`` fetches and
+probes once and decodes each window only when asked, so a long video costs the frames of
+the windows in flight, not of all its windows.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import shutil
+import tempfile
+import threading
 import time
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
 
 from captionflow.config import VideoSettings
 from captionflow.errors import (
@@ -22,36 +30,44 @@ from captionflow.errors import (
     EventError,
     InternalError,
     InvalidRequestError,
+    VideoTooManyWindowsError,
 )
 from captionflow.video.clip import Clip
-from captionflow.video.decode import VideoIndex, decode_frames, probe
+from captionflow.video.decode import DecodeStats, VideoIndex, decode_frames, probe
 from captionflow.video.fetch import LocalVideo, fetch
+from captionflow.video.pool import DecodePool
 from captionflow.video.sampling import SamplingPolicy
 from captionflow.video.windows import plan_windows
 
-
-def load_clips(reference: str, settings: VideoSettings,
-               overrides: Mapping[str, Any] | None = None) -> list[Clip]:
-    """Fetch ``reference`` and sample it: one :class:`Clip`, or one per window when
-    ``settings.window_s`` is set. Raises :class:`captionflow.errors.EventError` subclasses."""
-    policy = SamplingPolicy.from_settings(settings, overrides)
-    started = time.monotonic()
-    video = fetch(reference, settings)
-    fetch_s = time.monotonic() - started
-    try:
-        clips = _sample(video, policy, settings)
-    finally:
-        video.release()
-    for clip in clips:
-        clip.extra["fetch_s"] = fetch_s  # the decode stage's metrics split fetch from decode
-    return clips
+T = TypeVar("T")
 
 
-def _sample(video: LocalVideo, policy: SamplingPolicy, settings: VideoSettings) -> list[Clip]:
-    index = probe(video.path, max_duration_s=settings.max_duration_s)
-    if not settings.window_s:
-        return [_clip(video, index, policy, settings, window_index=None)]
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Plan:
+    """One clip to cut: the policy restricted to it, its frames and output size."""
+
+    policy: SamplingPolicy
+    window_index: int | None
+    indices: list[int]
+    sample_fps: float
+    height: int
+    width: int
+
+
+def _probe_kwargs(path: Path, settings: VideoSettings) -> dict[str, Any]:
+    return {"path": path, "max_duration_s": settings.max_duration_s,
+            "max_source_pixels": settings.max_source_pixels,
+            "max_source_frames": settings.max_source_frames,
+            "max_probe_packets": settings.max_probe_packets}
+
+
+def plan_clips(index: VideoIndex, policy: SamplingPolicy,
+               settings: VideoSettings) -> list[_Plan]:
+    """One plan, or one per window when ``settings.window_s`` is set (at most
+    ``settings.max_windows``)."""
     facts = index.facts
+    if not settings.window_s:
+        return [_plan(index, policy, None)]
     start_s = policy.start_s or 0.0
     end_s = min(policy.end_s if policy.end_s is not None else facts.duration_s,
                 facts.duration_s)
@@ -59,77 +75,235 @@ def _sample(video: LocalVideo, policy: SamplingPolicy, settings: VideoSettings) 
         raise InvalidRequestError(
             f"video range start_s={start_s} end_s={end_s} is empty for a "
             f"{facts.duration_s:.2f} s video")
+    stride_s = settings.window_s - settings.window_overlap_s
+    if (end_s - start_s - settings.window_s) / stride_s + 1 > settings.max_windows + 1:
+        raise _too_many_windows(end_s - start_s, settings)  # before building the list
     windows = plan_windows(start_s, end_s, window_s=settings.window_s,
                            overlap_s=settings.window_overlap_s,
                            min_remainder_s=settings.window_min_remainder_s)
-    return [_clip(video, index, dataclasses.replace(policy, start_s=w.start_s, end_s=w.end_s),
-                  settings, window_index=w.index)
-            for w in windows]
+    if len(windows) > settings.max_windows:
+        raise _too_many_windows(end_s - start_s, settings)
+    return [_plan(index, dataclasses.replace(policy, start_s=w.start_s, end_s=w.end_s),
+                  w.index) for w in windows]
 
 
-def _clip(video: LocalVideo, index: VideoIndex, policy: SamplingPolicy,
-          settings: VideoSettings, *, window_index: int | None) -> Clip:
+def _too_many_windows(span_s: float, settings: VideoSettings) -> VideoTooManyWindowsError:
+    return VideoTooManyWindowsError(
+        f"{span_s:.0f} s cut into video.window_s={settings.window_s:g} s windows is more than "
+        f"video.max_windows={settings.max_windows}; send a shorter range (start_s/end_s), "
+        "use longer windows or raise the limit")
+
+
+def _plan(index: VideoIndex, policy: SamplingPolicy, window_index: int | None) -> _Plan:
     facts = index.facts
     indices, sample_fps = policy.frame_indices(facts.total_frames, facts.source_fps)
     height, width = policy.frame_size(facts.height, facts.width, len(indices))
-    frames, stats = decode_frames(video.path, index, indices, height=height, width=width,
-                                  threads=settings.decode_threads)
-    if stats.rotation_deg != facts.rotation_deg:
-        facts = dataclasses.replace(facts, rotation_deg=stats.rotation_deg)
     if facts.total_frames < 2:
         # A still image repeated to the model's temporal factor: the sampling rate is the
         # policy's, the frame's own rate says nothing.
         sample_fps = policy.fps
+    return _Plan(policy, window_index, indices, sample_fps, height, width)
+
+
+def _decode_kwargs(path: Path, index: VideoIndex, plan: _Plan,
+                   settings: VideoSettings) -> dict[str, Any]:
+    return {"path": path, "index": index, "frame_indices": plan.indices,
+            "height": plan.height, "width": plan.width, "threads": settings.decode_threads,
+            "max_source_pixels": settings.max_source_pixels}
+
+
+def _clip(index: VideoIndex, plan: _Plan, frames: np.ndarray, stats: DecodeStats) -> Clip:
+    facts = index.facts
+    if stats.rotation_deg != facts.rotation_deg:
+        facts = dataclasses.replace(facts, rotation_deg=stats.rotation_deg)
+    policy = plan.policy
     return Clip(
         frames=frames,
-        frame_indices=tuple(indices),
-        timestamps_s=tuple(index.timestamp_s(i) for i in indices),
-        sample_fps=round(sample_fps, 6),
+        frame_indices=tuple(plan.indices),
+        timestamps_s=tuple(index.timestamp_s(i) for i in plan.indices),
+        sample_fps=round(plan.sample_fps, 6),
         facts=facts,
         start_s=policy.start_s or 0.0,
         end_s=policy.end_s if policy.end_s is not None else facts.duration_s,
-        window_index=window_index,
+        window_index=plan.window_index,
         extra={"seeks": stats.seeks, "packets_decoded": stats.packets_decoded,
                "frames_decoded": stats.frames_decoded, "decode_errors": stats.decode_errors,
                "linear_fallback": stats.linear_fallback},
     )
 
 
+def load_clips(reference: str, settings: VideoSettings,
+               overrides: Mapping[str, Any] | None = None) -> list[Clip]:
+    """Fetch ``reference`` and sample it in this process: one :class:`Clip`, or one per
+    window when ``settings.window_s`` is set. Raises ``EventError`` subclasses."""
+    policy = SamplingPolicy.from_settings(settings, overrides)
+    started = time.monotonic()
+    video = fetch(reference, settings)
+    fetch_s = time.monotonic() - started
+    try:
+        index = probe(**_probe_kwargs(video.path, settings))
+        clips = []
+        for plan in plan_clips(index, policy, settings):
+            frames, stats = decode_frames(**_decode_kwargs(video.path, index, plan, settings))
+            clips.append(_clip(index, plan, frames, stats))
+    finally:
+        video.release()
+    for clip in clips:
+        clip.extra["fetch_s"] = fetch_s  # the decode stage's metrics split fetch from decode
+    return clips
+
+
+class VideoClips:
+    """One fetched and probed video (a :class:`captionflow.video.clip.ClipStream`): clip
+    ``i`` is decoded in a decoder process when ``await clip(i)`` asks for it."""
+
+    def __init__(self, pool: DecodePool, video: LocalVideo, index: VideoIndex,
+                 plans: list[_Plan], settings: VideoSettings, fetch_s: float,
+                 probe_s: float) -> None:
+        self._pool = pool
+        self._video = video
+        self._index = index
+        self._plans = plans
+        self._settings = settings
+        self.fetch_s = fetch_s
+        self.probe_s = probe_s
+        self.decode_s = 0.0
+
+    @property
+    def count(self) -> int:
+        return len(self._plans)
+
+    @property
+    def facts(self) -> Any:
+        return self._index.facts
+
+    @property
+    def fetch_decode_s(self) -> float:
+        return self.fetch_s + self.probe_s + self.decode_s
+
+    async def clip(self, i: int) -> Clip:
+        plan = self._plans[i]
+        started = time.monotonic()
+        try:
+            frames, stats = await _guard(self._video.path.name, self._pool.decode(
+                **_decode_kwargs(self._video.path, self._index, plan, self._settings)))
+        finally:
+            self.decode_s += time.monotonic() - started
+        clip = _clip(self._index, plan, frames, stats)
+        clip.extra["fetch_s"] = self.fetch_s
+        clip.extra["decode_s"] = time.monotonic() - started
+        return clip
+
+    async def aclose(self) -> None:
+        self._video.release()
+
+
 class FrameSource:
-    """Async facade over :func:`load_clips` with at most ``settings.decode_workers``
-    decodes at a time."""
+    """Fetch in daemon threads, probe and decode in at most ``video.decode_workers``
+    decoder processes (see the module docstring)."""
 
     def __init__(self, settings: VideoSettings) -> None:
         self._settings = settings
-        self._pool = ThreadPoolExecutor(max_workers=settings.decode_workers,
-                                        thread_name_prefix="captionflow-decode")
+        self._pool = DecodePool(workers=settings.decode_workers,
+                                memory_limit_bytes=settings.decode_memory_limit_bytes,
+                                timeout_s=settings.decode_timeout_s)
+        # Downloads of this source go to a private directory, removed on close, so a
+        # download abandoned at shutdown leaves nothing behind.
+        base = settings.download_dir or Path(tempfile.gettempdir())
+        base.mkdir(parents=True, exist_ok=True)
+        self._download_dir = Path(tempfile.mkdtemp(prefix="captionflow-downloads-", dir=base))
+        self._fetch_settings = settings.model_copy(update={"download_dir": self._download_dir})
         self._closed = False
+
+    @property
+    def pool(self) -> DecodePool:
+        return self._pool
+
+    async def open(self, reference: str,
+                   overrides: Mapping[str, Any] | None = None) -> VideoClips:
+        """Fetch and probe ``reference``; its clips are decoded one by one on demand.
+        The caller must ``await aclose()`` the result."""
+        if self._closed:
+            raise InternalError("FrameSource.open() called after close()")
+        settings = self._settings
+        policy = SamplingPolicy.from_settings(settings, overrides)
+        started = time.monotonic()
+        video = await _guard(reference, _in_daemon_thread(
+            fetch, reference, self._fetch_settings))
+        fetch_s = time.monotonic() - started
+        try:
+            index = await _guard(reference, self._pool.probe(
+                **_probe_kwargs(video.path, settings)))
+            plans = plan_clips(index, policy, settings)
+        except BaseException:
+            video.release()
+            raise
+        return VideoClips(self._pool, video, index, plans, settings, fetch_s,
+                          time.monotonic() - started - fetch_s)
 
     async def clips(self, reference: str,
                     overrides: Mapping[str, Any] | None = None) -> list[Clip]:
-        if self._closed:
-            raise InternalError("FrameSource.clips() called after close()")
-        loop = asyncio.get_running_loop()
+        """Every clip of ``reference`` at once (one window after another)."""
+        stream = await self.open(reference, overrides)
         try:
-            return await loop.run_in_executor(
-                self._pool, load_clips, reference, self._settings, overrides)
-        except CaptionflowError:
-            raise
-        except Exception as e:
-            # A bug or an unforeseen library error fails this event, not the worker.
-            raise EventError(f"decoding {reference!r} failed unexpectedly: {e!r}",
-                             code=ErrorCode.INTERNAL) from e
+            return [await stream.clip(i) for i in range(stream.count)]
+        finally:
+            await stream.aclose()
 
     async def close(self) -> None:
-        """Wait for running decodes, then stop the pool."""
+        """Kill the decoder processes (a stuck decode is not waited for) and drop the
+        downloads; a fetch still running ends by its own deadline, unwaited."""
         if self._closed:
             return
         self._closed = True
-        await asyncio.get_running_loop().run_in_executor(
-            None, lambda: self._pool.shutdown(wait=True, cancel_futures=True))
+        await self._pool.close()
+        shutil.rmtree(self._download_dir, ignore_errors=True)
 
     async def __aenter__(self) -> FrameSource:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+async def _guard(reference: str, work: Any) -> Any:
+    try:
+        return await work
+    except CaptionflowError:
+        raise
+    except Exception as e:
+        # A bug or an unforeseen library error fails this event, not the worker.
+        raise EventError(f"decoding {reference!r} failed unexpectedly: {e!r}",
+                         code=ErrorCode.INTERNAL) from e
+
+
+async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a daemon thread: unlike an executor's threads, interpreter exit
+    does not join it, so a fetch in progress never holds shutdown. If the awaiting task is
+    cancelled, a finished result is released."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def deliver(ok: bool, value: Any) -> None:
+        if future.cancelled():
+            if ok and isinstance(value, LocalVideo):
+                value.release()
+            return
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+    def body() -> None:
+        try:
+            result: tuple[bool, Any] = (True, fn(*args))
+        except BaseException as e:  # handed to the awaiting task
+            result = (False, e)
+        try:
+            loop.call_soon_threadsafe(deliver, *result)
+        except RuntimeError:  # the loop is gone (shutdown): nobody is waiting any more
+            if result[0] and isinstance(result[1], LocalVideo):
+                result[1].release()
+
+    threading.Thread(target=body, name="captionflow-fetch", daemon=True).start()
+    return await future

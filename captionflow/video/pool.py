@@ -1,0 +1,296 @@
+"""Decoder child processes: a crash, a memory blow-up or a hang in FFmpeg costs one event.
+
+``DecodePool`` keeps at most ``video.decode_workers`` child processes and gives each one
+task at a time (a probe, or the decode of one clip's frames). Children are started from a
+``forkserver`` that has already imported PyAV and numpy: the worker process holds a vLLM
+engine, its threads and CUDA state, which ``fork`` would copy in a half-locked state, and
+``spawn`` would pay the imports (~0.5 s) for every replacement. Each child sets
+``RLIMIT_AS`` to ``video.decode_memory_limit_bytes`` before it takes work, so a video that
+needs more memory fails with ``decode_out_of_memory`` instead of waking the OOM killer.
+
+Frames come back through shared memory: the child decodes straight into a ``memfd``
+(anonymous shared memory, not limited by the size of ``/dev/shm``) and passes its file
+descriptor over the pipe (``SCM_RIGHTS``); the parent maps it and wraps it in a numpy
+array without copying. The memory is freed when that array is.
+
+A child that dies (signal, ``os._exit``), runs past ``video.decode_timeout_s``, or whose
+task is cancelled (a sibling window failed, shutdown) is killed and dropped; its task fails
+with ``decode_crashed`` / ``decode_timeout`` / the cancellation, and the next task starts a
+fresh child. ``close`` kills every child at once: it never waits on a stuck decode.
+
+``concurrent.futures.ProcessPoolExecutor`` does not fit: one dead child marks the whole
+executor broken and fails every pending task, and it cannot kill a running task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import mmap
+import multiprocessing
+import os
+import resource
+import signal
+import traceback
+from dataclasses import asdict
+from multiprocessing import reduction
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from captionflow import errors
+from captionflow.errors import (
+    CaptionflowError,
+    DecodeCrashedError,
+    DecodeOutOfMemoryError,
+    DecodeTimeoutError,
+    ErrorCode,
+    EventError,
+    InternalError,
+)
+from captionflow.video.decode import DecodeStats, decode_frames, probe
+
+log = logging.getLogger(__name__)
+
+_CONTEXT = "forkserver"
+_PRELOAD = ["captionflow.video.pool"]
+
+
+# --- inside the child ---------------------------------------------------------------------
+
+
+def _child_main(conn: Connection, memory_limit_bytes: int) -> None:
+    # Ctrl-C reaches the whole process group; the parent decides when children stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if memory_limit_bytes:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_limit_bytes, memory_limit_bytes))
+    while True:
+        try:
+            task, kwargs = conn.recv()
+        except (EOFError, OSError):
+            return  # the parent closed the pipe or died
+        try:
+            if task == "probe":
+                index = probe(**kwargs)
+                conn.send(("ok", index, _peak_rss_bytes()))
+            elif task == "decode":
+                _decode_to_memfd(conn, **kwargs)
+            else:
+                raise InternalError(f"unknown decoder task {task!r}")
+        except CaptionflowError as e:
+            conn.send(("error", type(e).__name__, str(e.code), e.message, e.retriable))
+        except MemoryError:
+            conn.send(("error", "DecodeOutOfMemoryError", str(ErrorCode.DECODE_OUT_OF_MEMORY),
+                       "the decoder ran out of memory (video.decode_memory_limit_bytes="
+                       f"{memory_limit_bytes}); send a smaller video or raise the limit", False))
+        except Exception as e:
+            conn.send(("bug", f"{e!r}\n{traceback.format_exc(limit=8)}"))
+
+
+def _decode_to_memfd(conn: Connection, **kwargs: Any) -> None:
+    fd = os.memfd_create("captionflow-frames", os.MFD_CLOEXEC)
+    holder: list[mmap.mmap] = []
+
+    def alloc(shape: tuple[int, ...]) -> np.ndarray:
+        size = math.prod(shape)
+        os.ftruncate(fd, size)
+        holder.append(mmap.mmap(fd, size))
+        return np.ndarray(shape, np.uint8, buffer=holder[0])
+
+    try:
+        frames, stats = decode_frames(alloc=alloc, **kwargs)
+        shape = frames.shape
+        del frames
+        conn.send(("frames", shape, asdict(stats), _peak_rss_bytes()))
+        reduction.send_handle(conn, fd, os.getppid())
+    finally:
+        for mm in holder:
+            mm.close()
+        os.close(fd)
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# --- in the worker ------------------------------------------------------------------------
+
+
+class _Child:
+    def __init__(self, process: BaseProcess, conn: Connection) -> None:
+        self.process = process
+        self.conn = conn
+        self.tasks = 0
+        # Set once a task's answer came back whole: only then may the child take more work.
+        self.reusable = False
+        self._reaped = False
+
+    @property
+    def pid(self) -> int:
+        assert self.process.pid is not None
+        return self.process.pid
+
+    def kill(self) -> None:
+        if self.process.exitcode is None:
+            self.process.kill()
+
+    def reap(self) -> None:
+        """Close the pipe and collect the process (after kill, or once it exited)."""
+        if self._reaped:
+            return
+        self._reaped = True
+        self.conn.close()
+        self.process.join(timeout=5)
+        if self.process.exitcode is not None:
+            self.process.close()
+
+
+class DecodePool:
+    """At most ``workers`` decoder processes; ``await probe(...)`` / ``await decode(...)``."""
+
+    def __init__(self, *, workers: int, memory_limit_bytes: int, timeout_s: float) -> None:
+        self._ctx = multiprocessing.get_context(_CONTEXT)
+        self._ctx.set_forkserver_preload(_PRELOAD)
+        self._limit = memory_limit_bytes
+        self._timeout_s = timeout_s
+        self._slots = asyncio.Semaphore(workers)
+        self._idle: list[_Child] = []
+        self._busy: set[_Child] = set()
+        self._closed = False
+        self.started = 0  # children started, replacements included
+        # Peak RSS (bytes) each child reported with its last answer, by pid.
+        self.peak_rss_bytes: dict[int, int] = {}
+
+    def busy_pids(self) -> list[int]:
+        return [c.pid for c in self._busy]
+
+    async def probe(self, **kwargs: Any) -> Any:
+        return await self._run("probe", kwargs)
+
+    async def decode(self, **kwargs: Any) -> tuple[np.ndarray, DecodeStats]:
+        frames, stats = await self._run("decode", kwargs)
+        return frames, DecodeStats(**stats)
+
+    async def _run(self, task: str, kwargs: dict[str, Any]) -> Any:
+        async with self._slots:
+            if self._closed:
+                raise InternalError("the decoder pool is closed")
+            child = self._idle.pop() if self._idle else await self._start()
+            self._busy.add(child)
+            child.reusable = False
+            try:
+                return await self._call(child, task, kwargs)
+            finally:
+                self._busy.discard(child)
+                if child.reusable and not self._closed:
+                    self._idle.append(child)
+                else:
+                    child.kill()
+                    await asyncio.to_thread(child.reap)
+
+    async def _start(self) -> _Child:
+        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        process = self._ctx.Process(target=_child_main, args=(child_conn, self._limit),
+                                    name="captionflow-decode", daemon=True)
+        await asyncio.to_thread(process.start)
+        child_conn.close()
+        self.started += 1
+        return _Child(process, parent_conn)
+
+    async def _call(self, child: _Child, task: str, kwargs: dict[str, Any]) -> Any:
+        child.tasks += 1
+        name = Path(str(kwargs.get("path", "?"))).name
+        loop = asyncio.get_running_loop()
+        woke = loop.create_future()
+
+        def wake() -> None:
+            if not woke.done():
+                woke.set_result(None)
+
+        try:
+            child.conn.send((task, kwargs))
+        except OSError:
+            raise self._crashed(child, name, task) from None
+        loop.add_reader(child.conn.fileno(), wake)
+        loop.add_reader(child.process.sentinel, wake)
+        try:
+            await asyncio.wait_for(woke, self._timeout_s)
+        except TimeoutError:
+            raise DecodeTimeoutError(
+                f"{task} of {name} ran over video.decode_timeout_s={self._timeout_s:g}; "
+                "its decoder process was killed") from None
+        finally:
+            loop.remove_reader(child.conn.fileno())
+            loop.remove_reader(child.process.sentinel)
+        try:
+            if not child.conn.poll(0):
+                raise EOFError
+            reply = child.conn.recv()
+            if reply[0] == "frames":
+                fd = reduction.recv_handle(child.conn)
+        except (EOFError, OSError):
+            raise self._crashed(child, name, task) from None
+        kind = reply[0]
+        child.reusable = True
+        if kind == "ok":
+            self.peak_rss_bytes[child.pid] = reply[2]
+            return reply[1]
+        if kind == "frames":
+            _, shape, stats, rss = reply
+            self.peak_rss_bytes[child.pid] = rss
+            return _map_frames(fd, shape), stats
+        if kind == "error":
+            _, cls_name, code, message, retriable = reply
+            cls = getattr(errors, cls_name, None)
+            if not (isinstance(cls, type) and issubclass(cls, CaptionflowError)):
+                cls = EventError
+            return_error = cls(message, code=ErrorCode(code), retriable=retriable)
+            # The child survived its error unless it was out of memory (its heap may be
+            # fragmented past the limit): start a fresh one then.
+            if isinstance(return_error, DecodeOutOfMemoryError):
+                child.reusable = False
+            raise return_error
+        raise EventError(f"{task} of {name} failed unexpectedly in the decoder: {reply[1]}",
+                         code=ErrorCode.INTERNAL)
+
+    def _crashed(self, child: _Child, name: str, task: str) -> DecodeCrashedError:
+        child.process.join(timeout=1)
+        code = child.process.exitcode
+        if code is not None and code < 0:
+            how = f"killed by {signal.Signals(-code).name}"
+        else:
+            how = f"exit status {code}"
+        hint = ""
+        if code in (-signal.SIGKILL, -signal.SIGABRT, -signal.SIGSEGV):
+            hint = (" (a crash in the decoder, or killed for memory: see "
+                    "video.decode_memory_limit_bytes)")
+        log.warning("decoder process %d died during %s of %s: %s", child.pid, task, name, how)
+        return DecodeCrashedError(
+            f"the decoder process died during {task} of {name}: {how}{hint}; the video was "
+            "not captioned and the decoder was replaced")
+
+    async def close(self) -> None:
+        """Kill every child now, busy or idle; running tasks fail (they are being cancelled
+        by their owners on shutdown anyway)."""
+        if self._closed:
+            return
+        self._closed = True
+        children = [*self._idle, *self._busy]
+        self._idle.clear()
+        for child in children:
+            child.kill()
+        for child in children:
+            await asyncio.to_thread(child.reap)
+
+
+def _map_frames(fd: int, shape: tuple[int, ...]) -> np.ndarray:
+    try:
+        mm = mmap.mmap(fd, math.prod(shape))
+    finally:
+        os.close(fd)
+    # The array keeps the mapping alive; it is unmapped when the array is freed.
+    return np.ndarray(shape, np.uint8, buffer=mm)
