@@ -1,7 +1,9 @@
 """Resolve a video reference to a local file: allowed local paths, file://, http(s).
 
 Object stores plug in through :func:`register_fetcher`: a function from (reference,
-settings, download directory) to a :class:`LocalVideo`. The scheme must also be listed in
+settings, download directory) to a :class:`LocalVideo`, or to a
+:class:`~captionflow.video.ranged.RemoteVideo` that the decoder reads in ranges (``s3`` is
+registered here, in ``captionflow/video/s3.py``). The scheme must also be listed in
 ``video.allowed_schemes``.
 
 HTTP(S) guards, all of them per hop: the host is resolved once, every address it resolves
@@ -9,7 +11,10 @@ to must be public (not loopback, private, link-local, multicast, reserved or a m
 service) unless inside ``video.fetch_allowed_networks``, and the connection goes to that
 checked address (so a second DNS answer cannot swap it); redirects are followed by hand,
 at most ``video.fetch_max_redirects``, each hop checked again; the body is streamed to disk
-and cut off at ``video.max_video_bytes``; connect, read and whole-download time limits.
+and cut off at ``video.max_video_bytes``; connect and read time limits, and one
+wall-clock deadline over the whole fetch (every hop, headers included; ``deadline.py``).
+IPv6 addresses that embed an IPv4 address (mapped, compatible, NAT64, 6to4, Teredo) are
+checked by that IPv4 address too.
 """
 
 from __future__ import annotations
@@ -18,13 +23,12 @@ import ipaddress
 import os
 import socket
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
-import httpx
+import httpcore
 
 from captionflow.config import VideoSettings
 from captionflow.errors import (
@@ -35,8 +39,9 @@ from captionflow.errors import (
     VideoNotFoundError,
     VideoTooLargeError,
 )
+from captionflow.video.deadline import Deadline, DeadlineBackend
+from captionflow.video.ranged import RemoteVideo
 
-_CHUNK_BYTES = 1 << 20
 _METADATA_HOSTS = frozenset({"metadata.google.internal", "metadata", "instance-data"})
 
 
@@ -47,13 +52,20 @@ class LocalVideo:
     path: Path
     size_bytes: int
     temporary: bool = False
+    # Bytes fetched over the network to make this file (None: it was already local).
+    bytes_read: int | None = None
+
+    @property
+    def source(self) -> Path:
+        """What the decoder opens (a :class:`RemoteVideo` is read in ranges instead)."""
+        return self.path
 
     def release(self) -> None:
         if self.temporary:
             self.path.unlink(missing_ok=True)
 
 
-Fetcher = Callable[[str, VideoSettings, Path], LocalVideo]
+Fetcher = Callable[[str, VideoSettings, Path], "LocalVideo | RemoteVideo"]
 _FETCHERS: dict[str, Fetcher] = {}
 
 
@@ -63,8 +75,9 @@ def register_fetcher(scheme: str, fetcher: Fetcher) -> None:
     _FETCHERS[scheme.lower()] = fetcher
 
 
-def fetch(reference: str, settings: VideoSettings) -> LocalVideo:
-    """Resolve ``reference`` (a path, ``file://`` or ``scheme://`` URL) to a local file."""
+def fetch(reference: str, settings: VideoSettings) -> LocalVideo | RemoteVideo:
+    """Resolve ``reference`` (a path, ``file://`` or ``scheme://`` URL) to a local file, or
+    to a :class:`RemoteVideo` the decoder reads in ranges (object stores)."""
     if not reference or "\x00" in reference:
         raise InvalidRequestError("the video reference is empty or contains a NUL byte")
     parts = urlsplit(reference)
@@ -94,7 +107,10 @@ def fetch(reference: str, settings: VideoSettings) -> LocalVideo:
 
 
 def resolve_local(reference: str, settings: VideoSettings) -> LocalVideo:
-    """A path under one of ``video.allowed_roots`` (the working directory when empty)."""
+    """A path under one of ``video.allowed_roots`` (the working directory when empty, or
+    anywhere with ``video.any_local_path``)."""
+    if settings.any_local_path and not settings.allowed_roots:
+        return _user_file(reference, settings)
     raw = Path(reference)
     if ".." in raw.parts:
         raise VideoForbiddenError(f"video path {reference!r} contains '..'; give a direct path")
@@ -121,21 +137,70 @@ def resolve_local(reference: str, settings: VideoSettings) -> LocalVideo:
         f"video {reference!r} does not exist under {[str(r) for r in roots]}")
 
 
+def _user_file(reference: str, settings: VideoSettings) -> LocalVideo:
+    """Any file the OS user can read; a relative path is taken from the current directory."""
+    path = Path(reference).expanduser()
+    try:
+        real = path.resolve(strict=True)
+        size = real.stat().st_size
+    except FileNotFoundError as e:
+        raise VideoNotFoundError(f"video {reference!r} does not exist") from e
+    except PermissionError as e:
+        raise VideoForbiddenError(f"video {reference!r} is not readable: {e.strerror}") from e
+    except OSError as e:
+        raise VideoNotFoundError(f"video {reference!r} cannot be opened: {e.strerror}") from e
+    if not real.is_file():
+        raise VideoNotFoundError(f"video path {reference!r} is not a regular file")
+    if size > settings.max_video_bytes:
+        raise VideoTooLargeError(
+            f"video {reference!r} is {size} bytes, over video.max_video_bytes="
+            f"{settings.max_video_bytes}")
+    return LocalVideo(path=real, size_bytes=size)
+
+
 # --- http(s) ---------------------------------------------------------------------------
+
+
+# IPv6 forms that carry an IPv4 address in their low (or middle) bits: the IPv4 address
+# inside is what a translator or tunnel finally connects to, so it is checked too.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")          # RFC 6052 well-known prefix
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215 local use: never public
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")         # deprecated ::a.b.c.d
+_IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # SIIT ::ffff:0:a.b.c.d
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """Every IPv4 address ``ip`` embeds: IPv4-mapped, IPv4-compatible, IPv4-translated,
+    NAT64 (64:ff9b::/96), 6to4 (2002::/16) and both Teredo (2001::/32) addresses."""
+    found: list[ipaddress.IPv4Address] = []
+    if ip.ipv4_mapped is not None:
+        found.append(ip.ipv4_mapped)
+    if ip.sixtofour is not None:
+        found.append(ip.sixtofour)
+    if ip.teredo is not None:
+        found.extend(ip.teredo)
+    if ip in _NAT64 or ip in _IPV4_COMPATIBLE or ip in _IPV4_TRANSLATED:
+        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return found
 
 
 def check_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
                   settings: VideoSettings) -> None:
-    """Refuse non-public addresses unless inside ``video.fetch_allowed_networks``."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    for cidr in settings.fetch_allowed_networks:
-        if ip in ipaddress.ip_network(cidr, strict=False):
-            return
-    if not ip.is_global or ip.is_multicast:
-        raise VideoForbiddenError(
-            f"address {ip} is loopback, private, link-local, reserved or a metadata service; "
-            "add its network to video.fetch_allowed_networks to fetch from it")
+    """Refuse non-public addresses, and IPv6 addresses that embed one, unless inside
+    ``video.fetch_allowed_networks``."""
+    allowed = [ipaddress.ip_network(cidr, strict=False)
+               for cidr in settings.fetch_allowed_networks]
+    inner = embedded_ipv4(ip) if isinstance(ip, ipaddress.IPv6Address) else []
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # a mapped address is its IPv4 address, allow-list included
+    for candidate in (ip, *inner):
+        if any(candidate in net for net in allowed):
+            continue
+        if not candidate.is_global or candidate.is_multicast or candidate in _NAT64_LOCAL:
+            shown = f"{candidate} (inside {ip})" if candidate is not ip else str(ip)
+            raise VideoForbiddenError(
+                f"address {shown} is loopback, private, link-local, reserved or a metadata "
+                "service; add its network to video.fetch_allowed_networks to fetch from it")
 
 
 def _resolve_host(host: str, port: int, settings: VideoSettings) -> str:
@@ -155,50 +220,68 @@ def _resolve_host(host: str, port: int, settings: VideoSettings) -> str:
 
 
 def fetch_http(reference: str, settings: VideoSettings, download_dir: Path) -> LocalVideo:
-    timeout = httpx.Timeout(connect=settings.fetch_connect_timeout_s,
-                            read=settings.fetch_read_timeout_s,
-                            write=settings.fetch_read_timeout_s,
-                            pool=settings.fetch_connect_timeout_s)
-    deadline = time.monotonic() + settings.fetch_total_timeout_s
+    """Download ``reference`` with the guards in the module docstring. Every socket
+    operation of every hop runs under one wall-clock deadline,
+    ``video.fetch_total_timeout_s``, whatever the server sends (see ``deadline.py``)."""
+    deadline = Deadline(settings.fetch_total_timeout_s)
+    timeouts = {"connect": settings.fetch_connect_timeout_s,
+                "read": settings.fetch_read_timeout_s,
+                "write": settings.fetch_read_timeout_s,
+                "pool": settings.fetch_connect_timeout_s}
     url = reference
-    # The client only ever sees checked IP addresses; redirects are followed here.
-    with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
+    # The pool only ever sees checked IP addresses; redirects are followed here.
+    with httpcore.ConnectionPool(network_backend=DeadlineBackend(deadline), retries=0,
+                                 max_connections=1) as pool:
         for _hop in range(settings.fetch_max_redirects + 1):
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise VideoForbiddenError(f"cannot fetch {url!r}: only http(s) URLs with a host")
             if parts.scheme not in settings.allowed_schemes:
                 raise VideoForbiddenError(f"scheme {parts.scheme!r} is not in allowed_schemes")
+            if deadline.expired():
+                raise _total_timeout(url, settings)
             port = parts.port or (443 if parts.scheme == "https" else 80)
             ip = _resolve_host(parts.hostname, port, settings)
             netloc = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-            direct = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
+            target = parts.path or "/"
+            direct = urlunsplit((parts.scheme, netloc, target, parts.query, ""))
             host_header = parts.hostname + (f":{parts.port}" if parts.port else "")
-            request = client.build_request(
-                "GET", direct, headers={"Host": host_header},
-                extensions={"sni_hostname": parts.hostname})
+            headers = [("Host", host_header), ("Accept-Encoding", "identity"),
+                       ("User-Agent", "captionflow")]
+            extensions = {"timeout": timeouts, "sni_hostname": parts.hostname}
             try:
-                response = client.send(request, stream=True)
-            except httpx.TimeoutException as e:
+                with pool.stream("GET", direct, headers=headers,
+                                 extensions=extensions) as response:
+                    fields = {k.decode("latin-1").lower(): v.decode("latin-1")
+                              for k, v in response.headers}
+                    if response.status in _REDIRECTS and "location" in fields:
+                        url = urljoin(url, fields["location"])
+                        continue
+                    _check_status(url, response.status)
+                    return _save(url, response, fields, settings, download_dir, deadline)
+            except httpcore.TimeoutException as e:
+                if deadline.expired():
+                    raise _total_timeout(url, settings) from e
                 raise FetchTimeoutError(f"fetching {url} timed out ({type(e).__name__})") from e
-            except httpx.HTTPError as e:
-                raise FetchFailedError(f"fetching {url} failed: {e}") from e
-            try:
-                if response.is_redirect:
-                    location = response.headers.get("location", "")
-                    url = urljoin(url, location)
-                    continue
-                _check_status(url, response)
-                return _save(url, response, settings, download_dir, deadline)
-            finally:
-                response.close()
+            except _HTTP_ERRORS as e:
+                raise FetchFailedError(f"fetching {url} failed: {e!r}") from e
     raise FetchFailedError(
         f"fetching {reference} took more than video.fetch_max_redirects="
         f"{settings.fetch_max_redirects} redirects", retriable=False)
 
 
-def _check_status(url: str, response: httpx.Response) -> None:
-    status = response.status_code
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_HTTP_ERRORS = (httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol,
+                OSError)
+
+
+def _total_timeout(url: str, settings: VideoSettings) -> FetchTimeoutError:
+    return FetchTimeoutError(
+        f"fetching {url} took over video.fetch_total_timeout_s="
+        f"{settings.fetch_total_timeout_s:g} s (redirects and headers included)")
+
+
+def _check_status(url: str, status: int) -> None:
     if status < 300:
         return
     if status in (404, 410):
@@ -209,10 +292,10 @@ def _check_status(url: str, response: httpx.Response) -> None:
     raise FetchFailedError(f"{url} answered HTTP {status}", retriable=retriable)
 
 
-def _save(url: str, response: httpx.Response, settings: VideoSettings, download_dir: Path,
-          deadline: float) -> LocalVideo:
+def _save(url: str, response: httpcore.Response, fields: dict[str, str],
+          settings: VideoSettings, download_dir: Path, deadline: Deadline) -> LocalVideo:
     limit = settings.max_video_bytes
-    declared = response.headers.get("content-length")
+    declared = fields.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise VideoTooLargeError(
             f"{url} is {declared} bytes, over video.max_video_bytes={limit}")
@@ -223,27 +306,33 @@ def _save(url: str, response: httpx.Response, settings: VideoSettings, download_
     size = 0
     try:
         with os.fdopen(fd, "wb") as out:
-            for chunk in response.iter_bytes(_CHUNK_BYTES):
+            for chunk in response.iter_stream():
                 size += len(chunk)
                 if size > limit:
                     raise VideoTooLargeError(
                         f"{url} sent more than video.max_video_bytes={limit} bytes")
-                if time.monotonic() > deadline:
-                    raise FetchTimeoutError(
-                        f"fetching {url} took over video.fetch_total_timeout_s="
-                        f"{settings.fetch_total_timeout_s}")
                 out.write(chunk)
-    except httpx.TimeoutException as e:
+    except httpcore.TimeoutException as e:
         path.unlink(missing_ok=True)
+        if deadline.expired():
+            raise _total_timeout(url, settings) from e
         raise FetchTimeoutError(f"reading {url} timed out after {size} bytes") from e
-    except httpx.HTTPError as e:
+    except _HTTP_ERRORS as e:
         path.unlink(missing_ok=True)
-        raise FetchFailedError(f"reading {url} failed after {size} bytes: {e}") from e
+        raise FetchFailedError(f"reading {url} failed after {size} bytes: {e!r}") from e
     except BaseException:
         path.unlink(missing_ok=True)
         raise
-    return LocalVideo(path=path, size_bytes=size, temporary=True)
+    return LocalVideo(path=path, size_bytes=size, temporary=True, bytes_read=size)
+
+
+def _fetch_s3(reference: str, settings: VideoSettings, download_dir: Path
+              ) -> LocalVideo | RemoteVideo:
+    # Imported on first use: boto3 costs start-up time that local-only workers never need.
+    from captionflow.video.s3 import fetch_s3
+    return fetch_s3(reference, settings, download_dir)
 
 
 register_fetcher("http", fetch_http)
 register_fetcher("https", fetch_http)
+register_fetcher("s3", _fetch_s3)

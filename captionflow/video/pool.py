@@ -203,7 +203,7 @@ class DecodePool:
 
     async def _call(self, child: _Child, task: str, kwargs: dict[str, Any]) -> Any:
         child.tasks += 1
-        name = Path(str(kwargs.get("path", "?"))).name
+        name = getattr(kwargs.get("path"), "name", "?")
         loop = asyncio.get_running_loop()
         woke = loop.create_future()
 

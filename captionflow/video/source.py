@@ -54,7 +54,7 @@ class _Plan:
     width: int
 
 
-def _probe_kwargs(path: Path, settings: VideoSettings) -> dict[str, Any]:
+def _probe_kwargs(path: Any, settings: VideoSettings) -> dict[str, Any]:
     return {"path": path, "max_duration_s": settings.max_duration_s,
             "max_source_pixels": settings.max_source_pixels,
             "max_source_frames": settings.max_source_frames,
@@ -105,7 +105,7 @@ def _plan(index: VideoIndex, policy: SamplingPolicy, window_index: int | None) -
     return _Plan(policy, window_index, indices, sample_fps, height, width)
 
 
-def _decode_kwargs(path: Path, index: VideoIndex, plan: _Plan,
+def _decode_kwargs(path: Any, index: VideoIndex, plan: _Plan,
                    settings: VideoSettings) -> dict[str, Any]:
     return {"path": path, "index": index, "frame_indices": plan.indices,
             "height": plan.height, "width": plan.width, "threads": settings.decode_threads,
@@ -141,10 +141,10 @@ def load_clips(reference: str, settings: VideoSettings,
     video = fetch(reference, settings)
     fetch_s = time.monotonic() - started
     try:
-        index = probe(**_probe_kwargs(video.path, settings))
+        index = probe(**_probe_kwargs(video.source, settings))
         clips = []
         for plan in plan_clips(index, policy, settings):
-            frames, stats = decode_frames(**_decode_kwargs(video.path, index, plan, settings))
+            frames, stats = decode_frames(**_decode_kwargs(video.source, index, plan, settings))
             clips.append(_clip(index, plan, frames, stats))
     finally:
         video.release()
@@ -185,8 +185,8 @@ class VideoClips:
         plan = self._plans[i]
         started = time.monotonic()
         try:
-            frames, stats = await _guard(self._video.path.name, self._pool.decode(
-                **_decode_kwargs(self._video.path, self._index, plan, self._settings)))
+            frames, stats = await _guard(self._video.source.name, self._pool.decode(
+                **_decode_kwargs(self._video.source, self._index, plan, self._settings)))
         finally:
             self.decode_s += time.monotonic() - started
         clip = _clip(self._index, plan, frames, stats)
@@ -233,7 +233,7 @@ class FrameSource:
         fetch_s = time.monotonic() - started
         try:
             index = await _guard(reference, self._pool.probe(
-                **_probe_kwargs(video.path, settings)))
+                **_probe_kwargs(video.source, settings)))
             plans = plan_clips(index, policy, settings)
         except BaseException:
             video.release()
