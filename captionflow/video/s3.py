@@ -1,0 +1,372 @@
+"""``s3://bucket/key`` references: S3 and S3-compatible stores (MinIO, Ceph, R2).
+
+The client is boto3/botocore. Decoding is synchronous PyAV in a decode thread or child
+process, and FFmpeg asks for bytes through synchronous ``read``/``seek`` callbacks, so a
+synchronous client serves them directly; an asyncio client (aiobotocore, obstore's async
+API, s3fs) would need an event loop inside every decode thread to answer the same calls.
+botocore also resolves credentials and the endpoint through the whole AWS chain (environment,
+``AWS_ENDPOINT_URL``, profiles, SSO, container and instance roles) with nothing added here.
+
+What a decode opens is an :class:`S3File`: a picklable description of one object version
+(bucket, key, size, ETag, client settings). The process that reads it builds its own client
+(once per process and settings) and reads in ranges through
+:class:`captionflow.video.ranged.RangeReader`. Every ranged GET names the ETag seen at
+fetch time (``If-Match``), so an object replaced mid-read fails the read instead of mixing
+two versions.
+
+Errors: no such key or bucket -> ``video_not_found``; access denied -> ``video_forbidden``;
+unreachable, throttling, 5xx, timeouts and rejected credentials ->
+:class:`ObjectStoreUnavailableError` (a dependency outage: the worker pauses and probes
+with :func:`probe_object_store`); bytes past ``video.max_video_bytes`` ->
+``video_too_large``; reads that take longer in all than ``video.fetch_total_timeout_s`` ->
+``fetch_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from captionflow.config import VideoSettings
+from captionflow.errors import (
+    CaptionflowError,
+    FetchFailedError,
+    FetchTimeoutError,
+    InvalidRequestError,
+    ObjectStoreUnavailableError,
+    VideoForbiddenError,
+    VideoNotFoundError,
+    VideoTooLargeError,
+)
+from captionflow.video.fetch import LocalVideo
+from captionflow.video.ranged import RangeCache, RangeReader, RemoteVideo, mp4_hollow_ranges
+
+_CHUNK_BYTES = 1 << 20
+_NOT_FOUND = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "404", "NoSuchVersion"})
+_FORBIDDEN = frozenset({"AccessDenied", "Forbidden", "403", "AllAccessDisabled",
+                        "AccountProblem"})
+# The worker's own credentials are refused: every record would fail alike, so it is the
+# store dependency that is unusable, not the record.
+_CREDENTIALS = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+                          "InvalidToken", "TokenRefreshRequired", "RequestTimeTooSkewed"})
+_THROTTLED = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+                        "TooManyRequests", "RequestTimeout", "InternalError",
+                        "ServiceUnavailable"})
+
+
+@dataclass(frozen=True, slots=True)
+class S3Config:
+    """Client settings a process needs to build its own client (picklable, hashable).
+
+    ``None`` leaves a value to the AWS chain (environment, config files, instance role)."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    addressing_style: str = "auto"
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 30.0
+    max_attempts: int = 3
+
+    @classmethod
+    def from_settings(cls, settings: VideoSettings) -> S3Config:
+        return cls(endpoint_url=settings.s3_endpoint_url, region=settings.s3_region,
+                   profile=settings.s3_profile, addressing_style=settings.s3_addressing_style,
+                   connect_timeout_s=settings.fetch_connect_timeout_s,
+                   read_timeout_s=settings.fetch_read_timeout_s,
+                   max_attempts=settings.s3_max_attempts)
+
+
+_clients: dict[tuple[int, S3Config], Any] = {}
+_clients_lock = threading.Lock()
+
+
+def client_for(config: S3Config) -> Any:
+    """This process's client for ``config`` (botocore clients are thread-safe; sessions
+    are not, so one is built per client under a lock; a forked child builds its own)."""
+    key = (os.getpid(), config)
+    client = _clients.get(key)
+    if client is not None:
+        return client
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            client = _new_client(config)
+            _clients[key] = client
+    return client
+
+
+def _new_client(config: S3Config) -> Any:
+    try:
+        import boto3
+        from botocore.config import Config
+        from botocore.exceptions import BotoCoreError
+    except ImportError as e:  # pragma: no cover - boto3 is a dependency
+        raise ObjectStoreUnavailableError(
+            "s3:// references need boto3: pip install boto3") from e
+    try:
+        session = boto3.session.Session(profile_name=config.profile,
+                                        region_name=config.region)
+        return session.client(
+            "s3", endpoint_url=config.endpoint_url,
+            config=Config(connect_timeout=config.connect_timeout_s,
+                          read_timeout=config.read_timeout_s,
+                          retries={"mode": "standard", "max_attempts": config.max_attempts},
+                          s3={"addressing_style": config.addressing_style},
+                          user_agent_extra="captionflow"))
+    except BotoCoreError as e:
+        raise ObjectStoreUnavailableError(
+            f"cannot build an S3 client ({e}); check video.s3_profile, AWS_PROFILE and "
+            "AWS_ENDPOINT_URL") from e
+
+
+def parse_s3_url(reference: str) -> tuple[str, str]:
+    """``s3://bucket/key`` -> (bucket, key). The key is taken literally (as the AWS CLI
+    does): no percent-decoding, ``?`` and ``#`` are part of it."""
+    if not reference.lower().startswith("s3://"):
+        raise InvalidRequestError(f"{reference!r} is not an s3:// reference")
+    bucket, _, key = reference[5:].partition("/")
+    if not bucket or not key:
+        raise InvalidRequestError(
+            f"{reference!r} must name a bucket and a key: s3://BUCKET/KEY")
+    return bucket, key
+
+
+def store_error(e: Exception, what: str) -> CaptionflowError:
+    """A botocore exception as captionflow's typed error."""
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        NoCredentialsError,
+        PartialCredentialsError,
+    )
+
+    if isinstance(e, CaptionflowError):
+        return e
+    if isinstance(e, ClientError):
+        error = e.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        detail = f"{what}: {code or status} {error.get('Message') or ''}".rstrip()
+        if code in _CREDENTIALS:
+            return ObjectStoreUnavailableError(
+                f"{detail}; the store refuses the worker's credentials: check "
+                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, the profile or the role")
+        if code in _NOT_FOUND or status == 404:
+            return VideoNotFoundError(f"{detail}; check the bucket and key")
+        if code in _FORBIDDEN or status == 403:
+            return VideoForbiddenError(
+                f"{detail}; the worker's identity needs s3:GetObject on the object "
+                "(docs/storage.md)")
+        if code == "PreconditionFailed" or status == 412:
+            return FetchFailedError(f"{detail}; the object changed while it was read")
+        if code in _THROTTLED or status >= 500 or status == 429:
+            return ObjectStoreUnavailableError(f"{detail}; the store is throttling or failing")
+        return FetchFailedError(detail, retriable=False)
+    if isinstance(e, NoCredentialsError | PartialCredentialsError):
+        return ObjectStoreUnavailableError(
+            f"{what}: no usable AWS credentials ({e}); set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, a profile, or give the worker a role")
+    if isinstance(e, BotoCoreError | OSError):
+        return ObjectStoreUnavailableError(f"{what}: the store does not answer ({e})")
+    return ObjectStoreUnavailableError(f"{what}: {type(e).__name__}: {e}")
+
+
+class S3File(RemoteVideo):
+    """One version of one object, read in ranges (see the module docstring)."""
+
+    def __init__(self, *, bucket: str, key: str, size_bytes: int, etag: str | None,
+                 config: S3Config, total_timeout_s: float, min_fetch_bytes: int,
+                 max_fetch_bytes: int, cache_bytes: int) -> None:
+        super().__init__(name=key.rsplit("/", 1)[-1] or key, size_bytes=size_bytes)
+        self.bucket, self.key, self.etag = bucket, key, etag
+        self.config = config
+        self.total_timeout_s = total_timeout_s
+        self.min_fetch_bytes, self.max_fetch_bytes = min_fetch_bytes, max_fetch_bytes
+        self.cache_bytes = cache_bytes
+        self._init_process_state()
+
+    def _init_process_state(self) -> None:
+        self._cache = RangeCache(self.cache_bytes)
+        self._hollow: list[tuple[int, int]] | None = None
+        self._spent_s = 0.0
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        for name in ("_cache", "_hollow", "_spent_s", "_lock"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_process_state()
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+    def open(self, *, index_only: bool = False) -> RangeReader:
+        hollow: list[tuple[int, int]] = []
+        if index_only:
+            with self._lock:
+                if self._hollow is None:
+                    self._hollow = mp4_hollow_ranges(self._peek, self.size_bytes)
+                hollow = self._hollow
+        return self._reader(hollow)
+
+    def _reader(self, hollow: list[tuple[int, int]]) -> RangeReader:
+        return RangeReader(self.fetch, self.size_bytes, name=self.name, cache=self._cache,
+                           counter=self.counter, min_fetch_bytes=self.min_fetch_bytes,
+                           max_fetch_bytes=self.max_fetch_bytes, hollow=hollow)
+
+    def _peek(self, pos: int, n: int) -> bytes:
+        reader = self._reader([])
+        reader.seek(pos)
+        return reader.read(n) or b""
+
+    def fetch(self, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of this object version."""
+        if self._spent_s > self.total_timeout_s:
+            raise FetchTimeoutError(
+                f"reading {self.url} took over video.fetch_total_timeout_s="
+                f"{self.total_timeout_s}")
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key,
+                                "Range": f"bytes={start}-{end - 1}"}
+        if self.etag:
+            args["IfMatch"] = self.etag
+        started = time.monotonic()
+        try:
+            response = client_for(self.config).get_object(**args)
+            return response["Body"].read()
+        except Exception as e:
+            raise store_error(e, f"reading {self.url} bytes {start}-{end - 1}") from e
+        finally:
+            self._spent_s += time.monotonic() - started
+
+
+def fetch_s3(reference: str, settings: VideoSettings, download_dir: Path) -> LocalVideo | S3File:
+    """Check ``reference`` exists and fits ``video.max_video_bytes``; objects up to
+    ``video.s3_whole_object_max_bytes`` are downloaded in one GET (fewer round trips than
+    ranges), larger ones are returned as an :class:`S3File` for the decoder to read in
+    ranges."""
+    bucket, key = parse_s3_url(reference)
+    config = S3Config.from_settings(settings)
+    url = f"s3://{bucket}/{key}"
+    started = time.monotonic()
+    try:
+        head = client_for(config).head_object(Bucket=bucket, Key=key)
+    except Exception as e:
+        raise store_error(e, f"looking up {url}") from e
+    size = int(head.get("ContentLength") or 0)
+    if size > settings.max_video_bytes:
+        raise VideoTooLargeError(
+            f"{url} is {size} bytes, over video.max_video_bytes={settings.max_video_bytes}")
+    etag = head.get("ETag")
+    if size <= settings.s3_whole_object_max_bytes:
+        deadline = started + settings.fetch_total_timeout_s
+        return _download(url, bucket, key, etag, config, settings, download_dir, deadline)
+    return S3File(bucket=bucket, key=key, size_bytes=size, etag=etag, config=config,
+                  total_timeout_s=settings.fetch_total_timeout_s,
+                  min_fetch_bytes=settings.s3_min_read_bytes,
+                  max_fetch_bytes=settings.s3_max_read_bytes,
+                  cache_bytes=settings.s3_cache_bytes)
+
+
+def _download(url: str, bucket: str, key: str, etag: str | None, config: S3Config,
+              settings: VideoSettings, download_dir: Path, deadline: float) -> LocalVideo:
+    limit = settings.max_video_bytes
+    args: dict[str, Any] = {"Bucket": bucket, "Key": key}
+    if etag:
+        args["IfMatch"] = etag
+    download_dir.mkdir(parents=True, exist_ok=True)
+    suffix = Path(key).suffix[:16]
+    fd, name = tempfile.mkstemp(prefix="captionflow-", suffix=suffix, dir=download_dir)
+    path = Path(name)
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                body = client_for(config).get_object(**args)["Body"]
+                chunks: Iterator[bytes] = body.iter_chunks(_CHUNK_BYTES)
+                for chunk in chunks:
+                    size += len(chunk)
+                    if size > limit:
+                        raise VideoTooLargeError(
+                            f"{url} sent more than video.max_video_bytes={limit} bytes")
+                    if time.monotonic() > deadline:
+                        raise FetchTimeoutError(
+                            f"downloading {url} took over video.fetch_total_timeout_s="
+                            f"{settings.fetch_total_timeout_s}")
+                    out.write(chunk)
+            except CaptionflowError:
+                raise
+            except Exception as e:
+                raise store_error(e, f"downloading {url} (after {size} bytes)") from e
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return LocalVideo(path=path, size_bytes=size, temporary=True, bytes_read=size)
+
+
+def list_objects(url: str, settings: VideoSettings) -> Iterator[tuple[str, int, str | None]]:
+    """(key, size, content type or None) of every object under ``s3://bucket/prefix``,
+    in key order. Listing needs s3:ListBucket; content types are not listed, so callers
+    that need one ask :func:`content_type` for the keys they cannot judge by name."""
+    bucket, _, prefix = url[5:].partition("/") if url.lower().startswith("s3://") else ("", "", "")
+    if not bucket:
+        raise InvalidRequestError(f"{url!r} is not an s3://BUCKET/PREFIX URL")
+    client = client_for(S3Config.from_settings(settings))
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                if not item["Key"].endswith("/"):
+                    yield item["Key"], int(item.get("Size") or 0), None
+    except Exception as e:
+        raise store_error(e, f"listing {url}") from e
+
+
+def content_type(bucket: str, key: str, settings: VideoSettings) -> str:
+    try:
+        head = client_for(S3Config.from_settings(settings)).head_object(Bucket=bucket, Key=key)
+    except Exception as e:
+        raise store_error(e, f"looking up s3://{bucket}/{key}") from e
+    return str(head.get("ContentType") or "")
+
+
+def _answers(settings: VideoSettings, timeout_s: float) -> bool:
+    from botocore.exceptions import ClientError
+
+    base = S3Config.from_settings(settings)
+    config = S3Config(endpoint_url=base.endpoint_url, region=base.region,
+                      profile=base.profile, addressing_style=base.addressing_style,
+                      connect_timeout_s=min(base.connect_timeout_s, timeout_s),
+                      read_timeout_s=timeout_s, max_attempts=1)
+    try:
+        client_for(config).list_buckets()
+    except ClientError as e:
+        # Any answer that is not throttling or a server failure means the store is up;
+        # a refusal (no s3:ListAllMyBuckets) is still an answer.
+        return not isinstance(store_error(e, "probe"), ObjectStoreUnavailableError) or \
+            str(e.response.get("Error", {}).get("Code", "")) in _CREDENTIALS
+    except Exception:
+        return False
+    return True
+
+
+async def probe_object_store(settings: VideoSettings, *, timeout_s: float = 5.0) -> bool:
+    """Whether the configured store answers a cheap signed request within ``timeout_s``
+    (for the worker's dependency probe after an :class:`ObjectStoreUnavailableError`)."""
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(_answers, settings, timeout_s),
+                                      timeout_s + 1.0)
+    except TimeoutError:
+        return False
