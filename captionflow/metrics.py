@@ -68,9 +68,25 @@ class Metrics:
             "captionflow_dependency_up",
             "1 when a dependency answers, by dependency (broker, engine).", ["dependency"],
             registry=r)
+        self.dependency_outages = Counter(
+            "captionflow_dependency_outages_total",
+            "Times a dependency was marked down (the worker paused until it answered).",
+            ["dependency"], registry=r)
+        self.engine_stalled = Gauge(
+            "captionflow_engine_stalled_seconds",
+            "Seconds the engine has had requests in flight without returning a token.",
+            registry=r)
+        self.poison_guard_tripped = Gauge(
+            "captionflow_poison_guard_tripped",
+            "1 when the poison guard stopped consumption, labelled with the error code.",
+            ["code"], registry=r)
+        self.outputs_reduced = Counter(
+            "captionflow_outputs_reduced_total",
+            "Caption events that dropped echoed fields to fit the producer's size limit.",
+            registry=r)
         self.last_progress = Gauge(
             "captionflow_last_progress_timestamp_seconds",
-            "Unix time the worker loop last made progress.", registry=r)
+            "Unix time the worker last made progress (a record finished, or nothing to do).", registry=r)
         self.info = Gauge(
             "captionflow_worker_info", "Constant 1, labelled with what this worker runs.",
             ["version", "backend", "model", "group"], registry=r)
@@ -84,6 +100,7 @@ class Metrics:
             self.commits.labels(result)
         for dependency in ("broker", "engine"):
             self.dependency_up.labels(dependency)
+            self.dependency_outages.labels(dependency)
         # Series exist from the start, so dashboards and rate() see 0 rather than nothing.
         for code in (ErrorCode.FETCH_TIMEOUT, ErrorCode.FETCH_FAILED,
                      ErrorCode.ENGINE_OVERLOADED, ErrorCode.ENGINE_FAILED):

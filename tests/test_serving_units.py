@@ -11,9 +11,12 @@ import pytest
 from captionflow.config import DEFAULT_PROMPT, ServingSettings
 from captionflow.errors import (
     ConfigError,
+    Dependency,
     EngineDeadError,
     EngineOverloadedError,
     EngineRequestFailedError,
+    EngineUnavailableError,
+    ErrorKind,
     InvalidRequestError,
     PromptTooLongError,
 )
@@ -172,7 +175,8 @@ async def test_openai_body_sends_exact_frames_and_fps():
     (400, "top_p must be in (0, 1]", InvalidRequestError),
     (404, "The model `x` does not exist.", EngineDeadError),
     (429, "overloaded", EngineOverloadedError),
-    (500, "boom", EngineRequestFailedError),
+    (500, "boom", EngineUnavailableError),
+    (501, "nope", EngineRequestFailedError),
 ])
 async def test_openai_errors_are_typed(status, message, error):
     calls = []
@@ -185,16 +189,34 @@ async def test_openai_errors_are_typed(status, message, error):
         with pytest.raises(error, match="ev-3"):
             await backend.caption(CaptionRequest("ev-3", synthetic_clip(0), ""))
     assert len(calls) == (3 if status in (429, 500) else 1)
+    expected_kind = (ErrorKind.DEPENDENCY if status in (429, 500) else
+                     ErrorKind.FATAL if status in (401, 403, 404) else ErrorKind.EVENT)
+    assert error(message).kind == expected_kind
 
 
-async def test_openai_unreachable_server_is_a_clear_retriable_error():
+async def test_openai_unreachable_server_is_a_dependency_error_not_the_events():
     def handler(request):
         raise httpx.ConnectError("connection refused")
 
     async with _backend(handler, openai_max_retries=1) as backend:
-        with pytest.raises(EngineRequestFailedError, match="openai_base_url") as info:
+        with pytest.raises(EngineUnavailableError, match="openai_base_url") as info:
             await backend.caption(CaptionRequest("ev-4", synthetic_clip(0), ""))
-    assert info.value.retriable
+    assert info.value.retriable and info.value.kind == ErrorKind.DEPENDENCY
+    assert info.value.dependency == Dependency.ENGINE
+
+
+async def test_openai_retry_after_is_capped():
+    calls = []
+
+    def handler(request):
+        calls.append(1)
+        return httpx.Response(429, headers={"Retry-After": "86400"},
+                              json={"error": {"message": "busy"}})
+
+    async with _backend(handler, openai_max_retries=0, retry_after_max_s=2.5) as backend:
+        with pytest.raises(EngineOverloadedError) as info:
+            await backend.caption(CaptionRequest("ev-6", synthetic_clip(0), ""))
+    assert info.value.retry_after_s == 2.5
 
 
 async def test_openai_url_transport_needs_a_url():

@@ -143,7 +143,8 @@ async def test_dead_engine_stops_the_worker_with_nothing_unfinished_committed(
                                   "worker.resume_in_flight": 1})
     async with Publisher(kafka, topic=topics.input) as pub:
         await pub.publish_inputs([str(v) for v in caption_videos[:10]])
-    async with running_worker(settings, _DyingBackend(vllm_backend, survive=3)) as (_, task):
+    async with running_worker(settings, _DyingBackend(vllm_backend, survive=3),
+                              expect_exit_code=1) as (_, task):
         code = await asyncio.wait_for(task, 60)
     assert code == 1
     captions = await read_topic(kafka, topics.output, expected=3, settle_s=0.3)

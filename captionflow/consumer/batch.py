@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from functools import partial
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -76,6 +77,9 @@ class MicroBatcher:
                 task = asyncio.create_task(self._one(item))
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
+                # A waiter that gives up (revoke, shutdown, a failed sibling window) aborts
+                # its request, so it stops holding an engine slot.
+                item.future.add_done_callback(partial(_cancel_if_cancelled, task))
 
     async def _one(self, item: _Item) -> None:
         try:
@@ -111,3 +115,8 @@ class MicroBatcher:
         for task in list(self._running):
             task.cancel()
         await asyncio.gather(*self._running, return_exceptions=True)
+
+
+def _cancel_if_cancelled(task: asyncio.Task[None], future: asyncio.Future[CaptionResult]) -> None:
+    if future.cancelled() and not task.done():
+        task.cancel()

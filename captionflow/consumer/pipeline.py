@@ -17,7 +17,8 @@ from aiokafka.structs import ConsumerRecord
 
 from captionflow.captioning import Attempts, ClipsFn, EventCaption, caption_event, window_end_s
 from captionflow.config import Settings
-from captionflow.errors import CaptionflowError, EventError, FatalError, InternalError
+from captionflow.consumer.publish import fit_caption
+from captionflow.errors import CaptionflowError, DependencyError, FatalError, InternalError
 from captionflow.metrics import Metrics
 from captionflow.schemas.codec import dead_letter, decode_video_event, encode, now_rfc3339
 from captionflow.schemas.events import (
@@ -33,6 +34,8 @@ from captionflow.serving.base import CaptionRequest, CaptionResult
 from captionflow.video.clip import Clip
 
 log = logging.getLogger(__name__)
+# Output keys stay short whatever the input's key was.
+MAX_KEY_CHARS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +57,11 @@ class RecordPipeline:
     def __init__(self, settings: Settings, *,
                  clips: ClipsFn,
                  caption: Callable[[CaptionRequest], Awaitable[CaptionResult]],
-                 model_name: str, metrics: Metrics, worker_id: str) -> None:
+                 model_name: str, metrics: Metrics, worker_id: str,
+                 on_dependency: Callable[[DependencyError], Awaitable[bool]] | None = None,
+                 ) -> None:
         self._s = settings
+        self._on_dependency = on_dependency
         self._clips = clips
         self._caption = caption
         self._model = model_name
@@ -65,18 +71,24 @@ class RecordPipeline:
     async def process(self, record: ConsumerRecord[bytes, bytes]) -> Output:
         started = time.monotonic()
         event: VideoEvent | None = None
-        attempts = Attempts(self._s.worker, label=where(record), on_retry=self._retried)
+        attempts = Attempts(self._s.worker, label=where(record), on_retry=self._retried,
+                            on_dependency=self._on_dependency)
         try:
             event = decode_video_event(
                 record.value, fallback_id=self._fallback_id(record),
                 max_bytes=self._s.kafka.max_event_bytes)
             attempts = Attempts(self._s.worker, label=f"{where(record)} id={event.id}",
-                                on_retry=self._retried)
+                                on_retry=self._retried, on_dependency=self._on_dependency)
             result = await caption_event(event, clips=self._clips, caption=self._caption,
                                          settings=self._s, attempts=attempts)
             caption = self._caption_event(event, record, result, attempts.count, started)
+            value, dropped = fit_caption(caption, event.id,
+                                         self._s.kafka.max_request_size_bytes)
+            if dropped:
+                log.warning("%s id=%s: caption event above kafka.max_request_size_bytes; "
+                            "dropped %s to fit", where(record), event.id, dropped)
             self._metrics.events_captioned.inc()
-            return Output(self._s.topics.output, event.id, encode(caption), event.id)
+            return Output(self._s.topics.output, event.id, value, event.id)
         except FatalError:
             raise
         except asyncio.CancelledError:
@@ -87,23 +99,28 @@ class RecordPipeline:
             if not isinstance(e, CaptionflowError):
                 log.exception("%s id=%s: bug while processing", where(record),
                               event.id if event else None)
-            log.warning("%s id=%s: dead-lettered: %s", where(record),
-                        event.id if event else None, error)
-            self._metrics.events_dead_lettered.labels(error.code.value).inc()
-            dl = dead_letter(
-                record.value, error, attempts=attempts.count, key=record.key,
-                source=_coords(record), event_id=event.id if event else None,
-                worker=self._worker)
-            key = dl.id or (record.key.decode("utf-8", "replace") if record.key else
-                            self._fallback_id(record))
-            return Output(self._s.topics.dead_letter, key, encode(dl), dl.id, error.code.value)
+            return self.dead_letter_output(record, error, event.id if event else None,
+                                           attempts.count)
 
-    def _retried(self, error: EventError) -> None:
+    def dead_letter_output(self, record: ConsumerRecord[bytes, bytes], error: CaptionflowError,
+                           event_id: str | None, attempts: int) -> Output:
+        """The record's dead-letter event, bounded to fit the producer's limit."""
+        log.warning("%s id=%s: dead-lettered: %s", where(record), event_id, error)
+        self._metrics.events_dead_lettered.labels(error.code.value).inc()
+        dl = dead_letter(
+            record.value, error, attempts=attempts, key=record.key, source=_coords(record),
+            event_id=event_id, worker=self._worker,
+            payload_max_bytes=self._s.worker.dead_letter_payload_max_bytes)
+        key = dl.id or dl.key or self._fallback_id(record)
+        return Output(self._s.topics.dead_letter, key[:MAX_KEY_CHARS], encode(dl), dl.id,
+                      error.code.value)
+
+    def _retried(self, error: CaptionflowError) -> None:
         self._metrics.events_retried.labels(error.code.value).inc()
 
     def _fallback_id(self, record: ConsumerRecord[bytes, bytes]) -> str:
         if record.key:
-            return record.key.decode("utf-8", "replace")
+            return record.key[:MAX_KEY_CHARS].decode("utf-8", "replace")
         return f"{record.topic}:{record.partition}:{record.offset}"
 
     def _caption_event(self, event: VideoEvent, record: ConsumerRecord[bytes, bytes],

@@ -1,15 +1,55 @@
-"""Publishing caption and dead-letter events; a record counts as done only once the broker
-acknowledged its output."""
+"""Publishing caption and dead-letter events. A record counts as done only once the broker
+acknowledged its output, and every output is made to fit the producer's size limit first.
+
+Fitting a caption event, in order, until it fits (the rules are part of the contract, in
+docs/worker.md): drop the echoed ``metadata``, then the echoed ``image`` list, then the
+``conversation``, then the per-window captions (their text is also in ``caption``). The
+caption is never dropped; an event that still does not fit becomes an ``output_too_large``
+dead letter. Dead-letter events are bounded when built (payload prefix, key, message).
+"""
 
 from __future__ import annotations
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.structs import RecordMetadata
 
 from captionflow.config import KafkaSettings
-from captionflow.errors import PublishFailedError
+from captionflow.errors import BrokerUnavailableError, OutputTooLargeError, PublishFailedError
 from captionflow.kafka import start_producer
+from captionflow.schemas.codec import encode
+from captionflow.schemas.events import CaptionEvent
+
+# Echoed fields a caption event may lose to fit, in the order they are dropped.
+DROPPABLE_FIELDS = ("metadata", "image", "conversation", "windows")
+
+
+def record_size(key: bytes | None, value: bytes) -> int:
+    """The size aiokafka checks against ``max_request_size`` for one record."""
+    return int(DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, []))
+
+
+def fit_caption(event: CaptionEvent, key: str, max_bytes: int) -> tuple[bytes, list[str]]:
+    """``event`` encoded within ``max_bytes`` and the echoed fields dropped to get there;
+    raises OutputTooLargeError when even the caption alone does not fit."""
+    key_bytes = key.encode()
+    value = encode(event)
+    dropped: list[str] = []
+    for name in DROPPABLE_FIELDS:
+        if record_size(key_bytes, value) <= max_bytes:
+            break
+        dropped.append(name)
+        empty = {"metadata": {}, "image": None, "conversation": [], "windows": None}[name]
+        event = event.model_copy(update={name: empty, "dropped_fields": list(dropped)})
+        value = encode(event)
+    size = record_size(key_bytes, value)
+    if size > max_bytes:
+        raise OutputTooLargeError(
+            f"the caption event is {size} bytes without its echoed fields, above "
+            f"kafka.max_request_size_bytes={max_bytes}; lower serving.max_tokens or raise the "
+            "producer's and the broker's limits")
+    return value, dropped
 
 
 class OutputPublisher:
@@ -17,17 +57,34 @@ class OutputPublisher:
         self._kafka = kafka
         self._producer: AIOKafkaProducer | None = None
 
+    @property
+    def max_record_bytes(self) -> int:
+        return self._kafka.max_request_size_bytes
+
     async def start(self) -> None:
         self._producer = await start_producer(self._kafka, client_suffix="-worker-producer")
 
     async def send(self, topic: str, key: str, value: bytes) -> RecordMetadata:
-        """Send and wait for the acknowledgement; raise PublishFailedError if there is none."""
+        """Send and wait for the acknowledgement.
+
+        Raises OutputTooLargeError when the producer refuses this record's size (one
+        record's problem), BrokerUnavailableError when the cluster did not acknowledge it
+        in time (an outage: retry once it answers), PublishFailedError otherwise (the
+        cluster refuses every record: a deployment problem)."""
         assert self._producer is not None, "OutputPublisher not started"
         try:
             return await self._producer.send_and_wait(topic, value, key=key.encode())
+        except (MessageSizeTooLargeError, RecordTooLargeError) as e:
+            raise OutputTooLargeError(
+                f"{topic}: record for event {key} ({len(value)} bytes) refused as too "
+                f"large: {e!r}") from e
         except KafkaError as e:
+            if e.retriable:
+                raise BrokerUnavailableError(
+                    f"{topic}: record for event {key} not acknowledged: {e!r}") from e
             raise PublishFailedError(
-                f"{topic}: record for event {key} not acknowledged: {e!r}") from e
+                f"{topic}: record for event {key} refused: {e!r}; check the topic exists "
+                "and this client may write to it") from e
 
     async def close(self) -> None:
         if self._producer is not None:

@@ -1,6 +1,6 @@
-"""The worker: wires poll -> pipeline -> publish -> commit, with backpressure, rebalance
-handling, health endpoints and a two-phase shutdown. The stages live in their own modules;
-this class only owns the loop and the lifecycle.
+"""The worker: wires poll -> pipeline -> publish -> commit, with backpressure, dependency
+outages, the poison guard, rebalance handling, health endpoints and a two-phase shutdown.
+The stages live in their own modules; this class owns the loop and the lifecycle.
 
 Delivery is at-least-once: a record's offset is committed only after its output (caption
 or dead-letter event) was acknowledged, and only as part of a contiguous prefix.
@@ -26,18 +26,31 @@ from prometheus_client import REGISTRY
 import captionflow
 from captionflow.config import Settings
 from captionflow.consumer.batch import MicroBatcher
+from captionflow.consumer.commit import Committer
+from captionflow.consumer.dependencies import DependencyGate
+from captionflow.consumer.guard import PoisonGuard
 from captionflow.consumer.health import HealthServer, HealthState
 from captionflow.consumer.offsets import OffsetTracker
-from captionflow.consumer.pipeline import RecordPipeline, where
+from captionflow.consumer.pipeline import Output, RecordPipeline, where
 from captionflow.consumer.publish import OutputPublisher
 from captionflow.consumer.rebalance import RebalanceHandler
-from captionflow.errors import BrokerUnavailableError, CaptionflowError, FatalError
+from captionflow.errors import (
+    BrokerUnavailableError,
+    CaptionflowError,
+    Dependency,
+    EngineStalledError,
+    ErrorCode,
+    FatalError,
+    OutputTooLargeError,
+)
 from captionflow.kafka import make_consumer
 from captionflow.metrics import Metrics
 from captionflow.serving.base import CaptionBackend
 from captionflow.video.source import FrameSource
 
 log = logging.getLogger(__name__)
+
+READINESS_INTERVAL_S = 1.0
 
 
 class Worker:
@@ -56,12 +69,14 @@ class Worker:
         self._tracker = OffsetTracker()
         self._tasks: dict[TopicPartition, set[asyncio.Task[None]]] = {}
         self._stopping = asyncio.Event()
-        self._commit_wanted = asyncio.Event()
-        self._commit_lock = asyncio.Lock()
         self._fatal: FatalError | None = None
-        self._paused = False
-        self._done_since_commit = 0
+        self._backpressure = False
+        self._held: set[asyncio.Task | None] = set()  # records the poison guard holds
+        self._guard = PoisonGuard(window_records=settings.worker.poison_window_records,
+                                  max_ratio=settings.worker.dead_letter_max_ratio)
         self._consumer: AIOKafkaConsumer | None = None
+        self._committer: Committer | None = None
+        self._gate: DependencyGate | None = None
         self._publisher: OutputPublisher | None = None
         self._pipeline: RecordPipeline | None = None
         self._rebalance: RebalanceHandler | None = None
@@ -108,7 +123,7 @@ class Worker:
                 log.info("metrics and health on http://%s:%d", s.metrics.host, self._http.port)
             if self._backend is None:
                 from captionflow.serving.factory import make_backend
-                self._backend = make_backend(s.serving)
+                self._backend = make_backend(s.serving, s.video)
             if self._owns_backend:
                 await self._backend.start()
                 stack.push_async_callback(self._backend.close)
@@ -122,22 +137,31 @@ class Worker:
             await self._publisher.start()
             stack.push_async_callback(self._publisher.close)
             batcher = MicroBatcher(
-                backend.caption, max_batch_size=s.worker.max_batch_size,
+                partial(backend.caption_tracked, timeout_s=s.serving.request_timeout_s),
+                max_batch_size=s.worker.max_batch_size,
                 max_wait_ms=s.worker.max_wait_ms, max_in_engine=2 * s.worker.max_batch_size,
                 on_batch=self.metrics.batch_size.observe,
                 on_queue_wait=self.metrics.stage_seconds.labels("queue").observe)
             await batcher.start()
             stack.push_async_callback(batcher.close)
-            self._pipeline = RecordPipeline(
-                s, clips=self._timed_clips(frames), caption=batcher.submit, model_name=model,
-                metrics=self.metrics, worker_id=self.worker_id)
             consumer = self._consumer = make_consumer(
                 s.kafka, client_suffix="-worker", group_id=s.worker.group_id,
                 enable_auto_commit=False, auto_offset_reset=s.worker.auto_offset_reset,
                 session_timeout_ms=s.worker.session_timeout_ms,
                 heartbeat_interval_ms=s.worker.heartbeat_interval_ms,
                 max_poll_interval_ms=s.worker.max_poll_interval_ms,
+                rebalance_timeout_ms=s.worker.rebalance_timeout_ms,
                 max_poll_records=s.worker.max_poll_records)
+            self._committer = Committer(consumer, self._tracker, s.worker, self.metrics)
+            gate = self._gate = DependencyGate(
+                {Dependency.ENGINE: self._probe_engine, Dependency.BROKER: self._probe_broker},
+                probe_timeout_s=s.worker.probe_timeout_s,
+                backoff_initial_ms=s.worker.probe_backoff_initial_ms,
+                backoff_max_ms=s.worker.probe_backoff_max_ms, on_change=self._dependency_changed)
+            stack.push_async_callback(gate.close)
+            self._pipeline = RecordPipeline(
+                s, clips=self._timed_clips(frames), caption=batcher.submit, model_name=model,
+                metrics=self.metrics, worker_id=self.worker_id, on_dependency=gate.report)
             self._rebalance = RebalanceHandler(
                 on_assigned=self._assigned, on_revoked=self._revoked, on_lost=self._lost,
                 is_lost=self._membership_lost, metrics=self.metrics)
@@ -148,8 +172,11 @@ class Worker:
                 raise BrokerUnavailableError(
                     f"consumer cannot reach Kafka at {s.kafka.bootstrap_servers}: {e}") from e
             stack.push_async_callback(consumer.stop)
-            background = [asyncio.create_task(self._commit_loop(), name="captionflow-commit"),
-                          asyncio.create_task(self._readiness_loop(), name="captionflow-ready")]
+            background = [
+                asyncio.create_task(self._committer.run(), name="captionflow-commit"),
+                asyncio.create_task(self._readiness_loop(), name="captionflow-ready")]
+            for task in background:
+                task.add_done_callback(self._background_done)
             try:
                 await self._poll_loop()
             except FatalError as e:
@@ -176,6 +203,13 @@ class Worker:
             return result
         return clips
 
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        # A dead commit or readiness loop would leave the worker committing nothing, or
+        # ready while it is not: stop loudly instead.
+        if task.cancelled() or task.exception() is None:
+            return
+        self._fail(FatalError(f"{task.get_name()} died: {task.exception()!r}"))
+
     # --- the loop --------------------------------------------------------------------------
 
     async def _poll_loop(self) -> None:
@@ -185,7 +219,7 @@ class Worker:
         while not self._stopping.is_set():
             if self._rebalance is not None and self._rebalance.error is not None:
                 raise self._rebalance.error
-            self._apply_backpressure()
+            paused = self._apply_pauses()
             budget = max(1, min(w.max_poll_records, w.max_in_flight - self._tracker.in_flight()))
             try:
                 batches = await consumer.getmany(timeout_ms=w.poll_timeout_ms,
@@ -200,8 +234,21 @@ class Worker:
                     continue
                 for record in records:
                     self._spawn(tp, record)
-            self.health.progress()
-            self.metrics.last_progress.set(time.time())
+            if self._idle_or_waiting(paused):
+                self._progress()
+
+    def _idle_or_waiting(self, paused: bool) -> bool:
+        """Liveness counts real progress only: a finished record (see ``_handle``), nothing
+        to do, or waiting on a dependency that is down and being probed (restarting this
+        worker would not bring it back). Polling while records are stuck is not progress."""
+        if self._tracker.in_flight() == 0 and not paused:
+            return True
+        assert self._gate is not None
+        return bool(self._gate.down()) or self._guard.tripped_code is not None
+
+    def _progress(self) -> None:
+        self.health.progress()
+        self.metrics.last_progress.set(time.time())
 
     def _spawn(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
         self._tracker.add(tp, record.offset)
@@ -214,18 +261,46 @@ class Worker:
 
     async def _handle(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes],
                       consumed_at: float) -> None:
-        assert self._pipeline is not None and self._publisher is not None
+        assert self._pipeline is not None and self._committer is not None
         output = await self._pipeline.process(record)
+        if self._guard.holds(output.error_code):
+            # Uncommitted until a restart after the fix redelivers it.
+            log.warning("%s id=%s: held by the poison guard (%s), not dead-lettered",
+                        where(record), output.event_id, output.error_code)
+            self._held.add(asyncio.current_task())
+            await asyncio.Event().wait()
         started = time.monotonic()
-        await self._publisher.send(output.topic, output.key, output.value)
+        await self._publish(record, output)
         now = time.monotonic()
         self.metrics.stage_seconds.labels("publish").observe(now - started)
         self.metrics.stage_seconds.labels("end_to_end").observe(now - consumed_at)
         if self._tracker.done(tp, record.offset):
-            self._done_since_commit += 1
-            if self._done_since_commit >= self.settings.worker.max_batch_size:
-                self._commit_wanted.set()
+            self._committer.record_done()
+        self._progress()
+        if self._guard.record(output.error_code):
+            self.metrics.poison_guard_tripped.labels(output.error_code).set(1)
         log.debug("%s id=%s -> %s", where(record), output.event_id, output.topic)
+
+    async def _publish(self, record: ConsumerRecord[bytes, bytes], output: Output) -> None:
+        """Publish until acknowledged. A broker outage waits for the broker (never a dead
+        letter); a record too large for the producer becomes a smaller output."""
+        assert self._publisher is not None and self._pipeline is not None
+        assert self._gate is not None
+        while True:
+            try:
+                await self._publisher.send(output.topic, output.key, output.value)
+                return
+            except BrokerUnavailableError as e:
+                log.warning("%s id=%s: publish waits for the broker: %s", where(record),
+                            output.event_id, e)
+                if await self._gate.report(e):
+                    await asyncio.sleep(self.settings.worker.retry_backoff_ms / 1000)
+            except OutputTooLargeError as e:
+                if output.topic == self.settings.topics.dead_letter:
+                    raise FatalError(f"{where(record)}: a bounded dead-letter event was refused "
+                                     f"as too large ({e}); check kafka.max_request_size_bytes "
+                                     "against worker.dead_letter_payload_max_bytes") from e
+                output = self._pipeline.dead_letter_output(record, e, output.event_id, 1)
 
     def _task_done(self, tp: TopicPartition, task: asyncio.Task[None]) -> None:
         self._tasks.get(tp, set()).discard(task)
@@ -249,70 +324,91 @@ class Worker:
             self.metrics.ready.set(0)
         self._stopping.set()
 
-    def _apply_backpressure(self) -> None:
+    def _apply_pauses(self) -> bool:
+        """Pause every partition while in-flight work is above the high watermark (until it
+        falls to the low one), while a dependency is down, or once the poison guard has
+        tripped; returns whether partitions are paused."""
         consumer = self._consumer
-        assert consumer is not None
+        assert consumer is not None and self._gate is not None
         w = self.settings.worker
         in_flight = self._tracker.in_flight()
-        if not self._paused and in_flight >= w.max_in_flight:
-            self._paused = True
+        if not self._backpressure and in_flight >= w.max_in_flight:
+            self._backpressure = True
             log.info("backpressure: %d events in flight; pausing partitions", in_flight)
-        elif self._paused and in_flight <= w.resume_in_flight:
-            self._paused = False
-            consumer.resume(*consumer.paused())
+        elif self._backpressure and in_flight <= w.resume_in_flight:
+            self._backpressure = False
             log.info("backpressure: %d events in flight; resuming partitions", in_flight)
-        if self._paused:
+        paused = self._backpressure or bool(self._gate.down()) or \
+            self._guard.tripped_code is not None
+        if paused:
             # Newly assigned partitions start unpaused; pausing is idempotent.
             consumer.pause(*consumer.assignment())
+        elif consumer.paused():
+            consumer.resume(*consumer.paused())
         self.metrics.paused_partitions.set(len(consumer.paused()))
+        return paused
 
-    # --- commits ---------------------------------------------------------------------------
+    # --- dependencies and readiness --------------------------------------------------------
 
-    async def _commit(self, tps: set[TopicPartition] | None = None, *,
-                      raise_errors: bool = False) -> None:
-        consumer = self._consumer
-        assert consumer is not None
-        async with self._commit_lock:
-            offsets = self._tracker.pending_commits(tps)
-            if not offsets:
-                return
-            try:
-                await consumer.commit(offsets)
-            except (KafkaError, AssertionError) as e:
-                self.metrics.commits.labels("failed").inc()
-                log.warning("commit of %s failed: %r", _fmt(offsets), e)
-                if raise_errors:
-                    raise
-                return
-            self._tracker.mark_committed(offsets)
-            self._done_since_commit = 0
-            self.metrics.commits.labels("ok").inc()
-            log.debug("committed %s", _fmt(offsets))
+    async def _probe_engine(self) -> bool:
+        assert self._backend is not None
+        if self._backend.progress.stalled_for_s() >= self.settings.worker.engine_stall_s:
+            return False
+        return await self._backend.healthy()
 
-    async def _commit_loop(self) -> None:
-        interval_s = self.settings.worker.commit_interval_ms / 1000
+    async def _probe_broker(self) -> bool:
+        """A real metadata request: aiokafka's cached broker list never empties, so it
+        cannot tell a dead cluster from a live one."""
+        assert self._consumer is not None
+        try:
+            await self._consumer._client.fetch_all_metadata()
+        except (KafkaError, OSError):
+            return False
+        return True
+
+    def _dependency_changed(self, dependency: str, up: bool, reason: str) -> None:
+        self.metrics.dependency_up.labels(str(dependency)).set(1 if up else 0)
+        if not up:
+            self.metrics.dependency_outages.labels(str(dependency)).inc()
+        self._update_readiness()
+
+    def _update_readiness(self) -> None:
+        assert self._gate is not None
+        down = self._gate.down()
+        reason = ("stopping" if self._stopping.is_set() else
+                  f"fatal: {self._fatal}" if self._fatal is not None else
+                  self._guard.describe() or
+                  "; ".join(f"{dep} down: {why}" for dep, why in down.items()) or "ready")
+        ready = reason == "ready"
+        self.health.ready = ready
+        self.health.reason = reason
+        self.metrics.ready.set(1 if ready else 0)
+
+    async def _readiness_loop(self) -> None:
+        assert self._backend is not None and self._gate is not None
+        w = self.settings.worker
+        gate = self._gate
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._commit_wanted.wait(), interval_s)
-            self._commit_wanted.clear()
-            await self._commit()
-            await self._update_lag()
-
-    async def _update_lag(self) -> None:
-        consumer = self._consumer
-        assert consumer is not None
-        for tp in self._tracker.partitions():
-            highwater = consumer.highwater(tp)
-            committed = self._tracker.committed(tp)
-            if highwater is None:
-                continue
-            if committed is None:
-                try:
-                    committed = await consumer.position(tp)
-                except (KafkaError, AssertionError):
-                    continue
-            self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
-                max(0, highwater - (committed or 0)))
+            engine_ok, broker_ok = await asyncio.gather(
+                gate.check(Dependency.ENGINE), gate.check(Dependency.BROKER))
+            self.metrics.dependency_up.labels("engine").set(1 if engine_ok else 0)
+            self.metrics.dependency_up.labels("broker").set(1 if broker_ok else 0)
+            stalled_s = self._backend.progress.stalled_for_s()
+            self.metrics.engine_stalled.set(stalled_s)
+            if stalled_s >= w.engine_stall_exit_s:
+                self._fail(EngineStalledError(
+                    f"{self._backend.progress.in_flight} request(s) in flight and no token "
+                    f"from the engine for {stalled_s:.0f} s (worker.engine_stall_exit_s="
+                    f"{w.engine_stall_exit_s:g})"))
+            broker_down_s = gate.down_for_s(Dependency.BROKER)
+            if w.broker_down_exit_s and broker_down_s >= w.broker_down_exit_s:
+                self._fail(FatalError(
+                    f"Kafka at {self.settings.kafka.bootstrap_servers} unreachable for "
+                    f"{broker_down_s:.0f} s (worker.broker_down_exit_s="
+                    f"{w.broker_down_exit_s:g}); exiting so fresh clients reconnect",
+                    code=ErrorCode.BROKER_UNAVAILABLE))
+            self._update_readiness()
+            await asyncio.sleep(READINESS_INTERVAL_S)
 
     # --- rebalance -------------------------------------------------------------------------
 
@@ -321,16 +417,19 @@ class Worker:
         self.metrics.assigned_partitions.set(len(self._tracker.partitions()))
 
     async def _revoked(self, tps: set[TopicPartition]) -> None:
+        assert self._committer is not None
         tasks = set().union(*(self._tasks.get(tp, set()) for tp in tps))
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=self.settings.worker.revoke_grace_s)
             for task in pending:
-                task.cancel()  # uncommitted, so the next owner redelivers them
+                # Uncommitted, so the next owner redelivers them; cancelling also aborts
+                # their engine requests, which would otherwise hold engine slots.
+                task.cancel()
             if pending:
                 log.warning("revoke: %d events unfinished after %.0f s; left to the next owner",
                             len(pending), self.settings.worker.revoke_grace_s)
                 await asyncio.gather(*pending, return_exceptions=True)
-        await self._commit(tps, raise_errors=True)
+        await self._committer.commit(tps, raise_errors=True)
         self._forget(tps)
 
     def _lost(self, tps: set[TopicPartition]) -> None:
@@ -351,31 +450,15 @@ class Worker:
         coordinator = getattr(self._consumer, "_coordinator", None)
         return coordinator is not None and getattr(coordinator, "generation", 0) == -1
 
-    # --- readiness and shutdown ------------------------------------------------------------
-
-    async def _readiness_loop(self) -> None:
-        assert self._backend is not None and self._consumer is not None
-        while True:
-            try:
-                engine_ok = await asyncio.wait_for(self._backend.healthy(), 5)
-            except Exception:
-                engine_ok = False
-            broker_ok = bool(self._consumer._client.cluster.brokers())
-            self.metrics.dependency_up.labels("engine").set(1 if engine_ok else 0)
-            self.metrics.dependency_up.labels("broker").set(1 if broker_ok else 0)
-            ready = engine_ok and broker_ok and self._fatal is None and \
-                not self._stopping.is_set()
-            self.health.ready = ready
-            self.health.reason = "ready" if ready else (
-                "stopping" if self._stopping.is_set() else
-                "engine not healthy" if not engine_ok else "broker unreachable")
-            self.metrics.ready.set(1 if ready else 0)
-            await asyncio.sleep(1.0)
+    # --- shutdown --------------------------------------------------------------------------
 
     async def _shutdown(self) -> None:
         self.health.ready = False
         self.metrics.ready.set(0)
-        tasks = [t for ts in self._tasks.values() for t in ts]
+        for task in self._held:
+            if task is not None:
+                task.cancel()  # nothing to drain: they wait for a restart
+        tasks = [t for ts in self._tasks.values() for t in ts if t not in self._held]
         if tasks and self._fatal is None:
             grace_s = self.settings.worker.shutdown_grace_s
             log.info("draining %d in-flight events (up to %.0f s)", len(tasks), grace_s)
@@ -383,13 +466,10 @@ class Worker:
             tasks = list(pending)
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if self._consumer is not None and not self._membership_lost():
+        await asyncio.gather(*tasks, *(t for t in self._held if t is not None),
+                             return_exceptions=True)
+        if self._committer is not None and not self._membership_lost():
             try:
-                await self._commit(raise_errors=False)
+                await self._committer.commit(raise_errors=False)
             except CaptionflowError as e:
                 log.warning("final commit failed: %s", e)
-
-
-def _fmt(offsets: dict[TopicPartition, int]) -> str:
-    return ", ".join(f"{tp.topic}[{tp.partition}]@{o}" for tp, o in sorted(offsets.items()))

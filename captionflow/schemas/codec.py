@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -87,25 +88,45 @@ def peek_event_id(raw: bytes | None) -> str | None:
     return None
 
 
+# Bounds on the text fields of a dead-letter event besides the payload, so that it always
+# fits the producer's limit whatever the record held.
+MAX_KEY_BYTES = 1024
+MAX_MESSAGE_CHARS = 4096
+
+
 def dead_letter(raw: bytes | None, error: CaptionflowError, *, attempts: int = 1,
                 key: bytes | None = None, source: SourceCoordinates | None = None,
-                event_id: str | None = None, worker: str | None = None) -> DeadLetterEvent:
-    payload, encoding = payload_text(raw)
+                event_id: str | None = None, worker: str | None = None,
+                payload_max_bytes: int | None = None) -> DeadLetterEvent:
+    """The dead-letter event for ``raw``. With ``payload_max_bytes`` it carries at most
+    that prefix of the payload, with the whole payload's size and sha256 to match it."""
+    size = len(raw) if raw is not None else 0
+    truncated = payload_max_bytes is not None and size > payload_max_bytes
+    kept = raw[:payload_max_bytes] if truncated and raw is not None else raw
+    payload, encoding = payload_text(kept, prefix=truncated)
+    message = error.message if len(error.message) <= MAX_MESSAGE_CHARS else \
+        error.message[:MAX_MESSAGE_CHARS] + "..."
     return DeadLetterEvent(
         id=event_id or peek_event_id(raw),
-        error=ErrorInfo(code=error.code, message=error.message, retriable=error.retriable,
+        error=ErrorInfo(code=error.code, message=message, retriable=error.retriable,
                         attempts=attempts),
-        payload=payload, payload_encoding=encoding,
-        key=payload_text(key)[0] if key is not None else None,
+        payload=payload, payload_encoding=encoding, payload_size_bytes=size,
+        payload_sha256=hashlib.sha256(raw or b"").hexdigest(), payload_truncated=truncated,
+        key=payload_text(key[:MAX_KEY_BYTES], prefix=len(key) > MAX_KEY_BYTES)[0]
+        if key is not None else None,
         source=source, worker=worker, created_at=now_rfc3339())
 
 
-def payload_text(raw: bytes | None) -> tuple[str, str]:
+def payload_text(raw: bytes | None, *, prefix: bool = False) -> tuple[str, str]:
+    """``raw`` as text when it is UTF-8, else base64. A ``prefix`` may end inside a
+    multi-byte character; that partial character alone is dropped."""
     if raw is None:
         return "", "utf-8"
     try:
         return raw.decode("utf-8"), "utf-8"
-    except UnicodeDecodeError:
+    except UnicodeDecodeError as e:
+        if prefix and e.start >= len(raw) - 3 and e.reason == "unexpected end of data":
+            return raw[:e.start].decode("utf-8"), "utf-8"
         return base64.b64encode(raw).decode("ascii"), "base64"
 
 

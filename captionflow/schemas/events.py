@@ -188,6 +188,10 @@ class CaptionEvent(_Model):
     attempts: int = 1
     worker: str | None = None
     created_at: str = Field(description="RFC 3339 UTC time the caption was made.")
+    dropped_fields: list[str] | None = Field(None, description=(
+        "Echoed input fields left out so that the event fits the producer's size limit "
+        "(metadata, then image, then the conversation, then the window captions); the "
+        "caption itself is never dropped."))
 
 
 class ErrorInfo(_Model):
@@ -203,8 +207,16 @@ class DeadLetterEvent(_Model):
     schema_version: Literal[1] = SCHEMA_VERSION
     id: str | None = Field(None, description="The event id, when the payload had a usable one.")
     error: ErrorInfo
-    payload: str = Field(description="The raw record value, as text or base64 (see encoding).")
+    payload: str = Field(description=(
+        "The raw record value, as text or base64 (see encoding); at most a prefix of "
+        "worker.dead_letter_payload_max_bytes bytes when payload_truncated."))
     payload_encoding: Literal["utf-8", "base64"] = "utf-8"
+    payload_size_bytes: int | None = Field(
+        None, description="Size of the whole raw record value, in bytes.")
+    payload_sha256: str | None = Field(
+        None, description="Hex sha256 of the whole raw record value.")
+    payload_truncated: bool = Field(
+        False, description="True when payload holds only a prefix of the record value.")
     key: str | None = None
     source: SourceCoordinates | None = None
     worker: str | None = None

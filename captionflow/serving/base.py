@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import abc
+import asyncio
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from captionflow.errors import EngineTimeoutError
 from captionflow.video.clip import Clip
 
 # Per-request sampling overrides a caller may set; anything else is an invalid request.
@@ -47,11 +50,66 @@ class CaptionResult:
     prompt_token_ids: tuple[int, ...] = ()
 
 
+class EngineProgress:
+    """Requests in flight and when the engine last showed progress (a token, a finished
+    request), so a hung engine can be told from a busy one."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.last_progress = time.monotonic()
+
+    def started(self) -> None:
+        if self.in_flight == 0:
+            # An idle engine owes nothing: the stall clock starts with the first request.
+            self.last_progress = time.monotonic()
+        self.in_flight += 1
+
+    def progressed(self) -> None:
+        self.last_progress = time.monotonic()
+
+    def ended(self, *, ok: bool) -> None:
+        self.in_flight = max(0, self.in_flight - 1)
+        if ok:
+            self.progressed()
+
+    def stalled_for_s(self) -> float:
+        """Seconds without progress while requests are in flight; 0 when idle."""
+        return time.monotonic() - self.last_progress if self.in_flight else 0.0
+
+
 class CaptionBackend(abc.ABC):
     """Async captioning backend. ``caption`` is safe to call concurrently; batching across
     concurrent calls is the backend's job (vLLM's continuous batching does it)."""
 
     name: str = "base"
+    _progress: EngineProgress | None = None
+
+    @property
+    def progress(self) -> EngineProgress:
+        if self._progress is None:
+            self._progress = EngineProgress()
+        return self._progress
+
+    async def caption_tracked(self, request: CaptionRequest, *,
+                              timeout_s: float) -> CaptionResult:
+        """``caption`` with a deadline, counted in :attr:`progress`. A request past the
+        deadline is cancelled (which aborts it inside the engine) and fails with
+        ``EngineTimeoutError``."""
+        progress = self.progress
+        progress.started()
+        ok = False
+        try:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    result = await self.caption(request)
+            except TimeoutError as e:
+                raise EngineTimeoutError(
+                    f"request {request.request_id}: no result within "
+                    f"serving.request_timeout_s={timeout_s:g} s") from e
+            ok = True
+            return result
+        finally:
+            progress.ended(ok=ok)
 
     @abc.abstractmethod
     async def start(self) -> None: ...
@@ -65,7 +123,9 @@ class CaptionBackend(abc.ABC):
         request alone, ``EngineDeadError`` when the backend cannot serve anything any more."""
 
     @abc.abstractmethod
-    async def healthy(self) -> bool: ...
+    async def healthy(self) -> bool:
+        """Whether the backend answers now (the worker's readiness probe and the probe that
+        ends an engine outage). May send a tiny request; callers bound it with a timeout."""
 
     @abc.abstractmethod
     def model_info(self) -> dict[str, Any]:

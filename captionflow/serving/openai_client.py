@@ -10,6 +10,9 @@ decoding and sampling, so its tokens need not equal ours). vLLM 0.32 refuses per
 ``media_io_kwargs`` unless the server runs with ``--trust-request-mm-kwargs``; that refusal
 is a fatal configuration error here, saying so. Retries with exponential backoff on 429, 5xx and
 connection errors; concurrency is bounded; every error ends as a typed captionflow error.
+A server that is unreachable, restarting (5xx, 503) or overloaded (429) raises a dependency
+error once the retries are spent: the worker then pauses and probes ``/models`` until the
+server answers, so a restart of the server never turns the backlog into dead letters.
 An event's images go before the video as lossless PNG ``image_url`` data URLs (the server's
 ``--limit-mm-per-prompt`` must allow them).
 """
@@ -32,6 +35,8 @@ from captionflow.errors import (
     EngineDeadError,
     EngineOverloadedError,
     EngineRequestFailedError,
+    EngineTimeoutError,
+    EngineUnavailableError,
     InvalidRequestError,
     PromptTooLongError,
 )
@@ -192,13 +197,13 @@ class OpenAIBackend(CaptionBackend):
                 response = await self._client.post(
                     "chat/completions", json=body, headers={"X-Request-Id": request_id})
             except httpx.TimeoutException as e:
-                last = EngineRequestFailedError(
+                last = EngineTimeoutError(
                     f"request {request_id}: no answer from {self.settings.openai_base_url} "
                     f"within serving.openai_timeout_s={self.settings.openai_timeout_s}")
                 last.__cause__ = e
                 continue
             except httpx.TransportError as e:
-                last = EngineRequestFailedError(
+                last = EngineUnavailableError(
                     f"request {request_id}: cannot reach {self.settings.openai_base_url} "
                     f"({type(e).__name__}: {e}); check serving.openai_base_url")
                 last.__cause__ = e
@@ -225,11 +230,12 @@ class OpenAIBackend(CaptionBackend):
         detail = _error_message(response)
         where = f"request {request_id}: {self.settings.openai_base_url} answered {status}"
         if status == 429:
-            err: CaptionflowError = EngineOverloadedError(f"{where} (overloaded): {detail}")
             retry_after = response.headers.get("retry-after")
+            hint = None
             if retry_after and retry_after.replace(".", "", 1).isdigit():
-                err.retry_after_s = float(retry_after)  # type: ignore[attr-defined]
-            return err
+                # A hostile or confused server must not park the worker for hours.
+                hint = min(float(retry_after), self.settings.retry_after_max_s)
+            return EngineOverloadedError(f"{where} (overloaded): {detail}", retry_after_s=hint)
         if status in _FATAL_STATUS:
             return EngineDeadError(
                 f"{where}: {detail} - check serving.openai_base_url, serving.openai_api_key and "
@@ -241,10 +247,14 @@ class OpenAIBackend(CaptionBackend):
                 "sampling rate as media_io_kwargs: start the vLLM server with "
                 "--trust-request-mm-kwargs (engine_setup.vllm_server_command does), or set "
                 "serving.openai_video_transport='url'")
+        if status == 408:
+            return EngineTimeoutError(f"{where}: {detail}")
         if 400 <= status < 500:
             if any(marker in detail.lower() for marker in _TOO_LONG_MARKERS):
                 return PromptTooLongError(f"{where}: {detail}")
             return InvalidRequestError(f"{where}: {detail}")
+        if status in _RETRY_STATUS:
+            return EngineUnavailableError(f"{where}: {detail}")
         return EngineRequestFailedError(f"{where}: {detail}")
 
 

@@ -12,9 +12,10 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from typing import Any
 
-from captionflow.config import ServingSettings
+from captionflow.config import ServingSettings, VideoSettings
 from captionflow.errors import (
     CaptionflowError,
     ConfigError,
@@ -29,6 +30,7 @@ from captionflow.serving.engine_setup import (
     check_engine_limits,
     engine_args,
     on_cpu,
+    plan_engine,
     prepare_vllm_environment,
 )
 from captionflow.serving.prompt import build_messages, render_prompt, video_metadata
@@ -37,6 +39,8 @@ log = logging.getLogger(__name__)
 
 # How often the watchdog asks the engine whether it is still alive.
 _WATCH_INTERVAL_S = 0.5
+# An engine idle longer than this is probed with a one-token request.
+_PROBE_IDLE_S = 10.0
 # Distinct user texts whose rendered prompt is kept (most events use the default prompt).
 _PROMPT_CACHE_SIZE = 1024
 
@@ -56,8 +60,10 @@ def sampling_values(settings: ServingSettings, overrides: dict[str, Any]) -> dic
 class VllmBackend(CaptionBackend):
     name = "vllm"
 
-    def __init__(self, settings: ServingSettings) -> None:
+    def __init__(self, settings: ServingSettings, video: VideoSettings | None = None) -> None:
+        """``video`` are the sampling budgets the engine must fit (the defaults when None)."""
         self.settings = settings
+        self._video = video or VideoSettings()
         self._engine: Any = None
         self._tokenizer: Any = None
         self._dead: EngineDeadError | None = None
@@ -77,7 +83,12 @@ class VllmBackend(CaptionBackend):
         if self._engine is not None:
             return
         prepare_vllm_environment(self.settings.work_dir)
-        check_engine_limits(self.settings, cpu=on_cpu())
+        cpu = on_cpu()
+        plan = plan_engine(self.settings, self._video, cpu=cpu)
+        check_engine_limits(plan.settings, cpu=cpu, video=self._video)
+        self.settings = plan.settings
+        log.info("vLLM engine settings for %s on %s: %s", self.settings.model,
+                 "CPU" if cpu else "GPU", plan.describe())
         from vllm import AsyncLLMEngine
 
         args = engine_args(self.settings)
@@ -109,12 +120,34 @@ class VllmBackend(CaptionBackend):
             engine.shutdown()
 
     async def healthy(self) -> bool:
+        """vLLM's ``check_health`` only reports a dead engine core; a hung one (stopped,
+        deadlocked) looks healthy to it. So when the engine has shown no progress lately
+        and has nothing in flight, a one-token text request proves it still generates.
+        With requests in flight, whether they progress is the stall watch's to judge
+        (``progress.stalled_for_s``): a probe would only queue behind them."""
         if self._engine is None or self._dead is not None:
             return False
         try:
             await self._engine.check_health()
         except Exception:
             return False
+        progress = self.progress
+        if progress.in_flight or time.monotonic() - progress.last_progress < _PROBE_IDLE_S:
+            return True
+        from vllm import SamplingParams
+
+        request_id = f"captionflow-probe-{uuid.uuid4().hex[:12]}"
+        try:
+            async for _ in self._engine.generate(
+                    {"prompt": "ping"}, SamplingParams(max_tokens=1, temperature=0.0),
+                    request_id=request_id):
+                pass
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.warning("vLLM probe request failed: %r", e)
+            return False
+        progress.progressed()
         return True
 
     def model_info(self) -> dict[str, Any]:
@@ -193,6 +226,7 @@ class VllmBackend(CaptionBackend):
         try:
             async for output in self._engine.generate(inputs, params, request_id=request_id):
                 final = output
+                self.progress.progressed()
         except asyncio.CancelledError:
             raise
         except Exception as e:

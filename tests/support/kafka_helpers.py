@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
@@ -87,9 +88,15 @@ async def committed_offsets(kafka: KafkaSettings, topic: str, group_id: str) -> 
 
 
 async def wait_until(predicate, *, timeout_s: float = 30.0, interval_s: float = 0.1) -> None:
+    """Wait until ``predicate()`` (a plain or a coroutine function) is true."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    while not await predicate():
+
+    async def holds() -> bool:
+        result = predicate()
+        return bool(await result) if inspect.isawaitable(result) else bool(result)
+
+    while not await holds():
         if loop.time() > deadline:
             raise TimeoutError("condition not met in time")
         await asyncio.sleep(interval_s)

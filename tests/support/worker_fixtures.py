@@ -88,9 +88,12 @@ async def reference_captions(backend: CaptionBackend, settings: Settings,
 
 
 @contextlib.asynccontextmanager
-async def running_worker(settings: Settings, backend: CaptionBackend,
+async def running_worker(settings: Settings, backend: CaptionBackend, *,
+                         expect_exit_code: int = 0, stop_timeout_s: float = 60,
                          ) -> AsyncIterator[tuple[Worker, asyncio.Task[int]]]:
-    """A Worker on the shared engine; stopped (gracefully) on exit if still running."""
+    """A Worker on the shared engine, stopped gracefully on exit if still running. The
+    test fails if the worker does not stop within ``stop_timeout_s``, raises, or exits
+    with another code than ``expect_exit_code``."""
     worker = Worker(settings, backend=backend, metrics=Metrics.fresh())
     task = asyncio.create_task(worker.run())
     started = asyncio.create_task(worker.started.wait())
@@ -107,8 +110,13 @@ async def running_worker(settings: Settings, backend: CaptionBackend,
         yield worker, task
     finally:
         worker.stop()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.shield(task), 60)
+        try:
+            code = await asyncio.wait_for(asyncio.shield(task), stop_timeout_s)
+        except TimeoutError:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            pytest.fail(f"worker did not stop within {stop_timeout_s:.0f} s")
+    assert code == expect_exit_code, f"worker exited with {code}, expected {expect_exit_code}"
 
 
 @dataclass
