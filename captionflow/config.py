@@ -99,8 +99,13 @@ class TopicSettings(_Section):
 class VideoSettings(_Section):
     """Where videos may come from and how frames are sampled (qwen-vl-utils semantics)."""
 
-    # Local paths must resolve under one of these roots. Empty means the current directory.
+    # Local paths must resolve under one of these roots. Empty means the current directory,
+    # unless any_local_path is on.
     allowed_roots: tuple[Path, ...] = ()
+    # With allowed_roots empty: any local file the OS user can read, relative paths from the
+    # current directory (DataFlow's rule). Batch mode and the Python API turn it on, as their
+    # user names their own files; the worker keeps it off, its producers are not trusted.
+    any_local_path: bool = False
     # "file", "http", "https", or a scheme registered with captionflow.video.fetch.
     allowed_schemes: tuple[str, ...] = ("file", "http", "https")
     # Loopback/private/link-local/metadata addresses are refused unless inside one of these
@@ -195,13 +200,20 @@ class ServingSettings(_Section):
     repetition_penalty: float = Field(1.0, gt=0)
     max_tokens: int = Field(2048, ge=1)
     seed: int | None = None
+    # Engine fields left unset are filled in at start-up by captionflow.serving.engine_plan
+    # (max_model_len clamped to the model's limit; on a CPU also dtype, enforce_eager and
+    # kv_cache_memory_bytes); fields given explicitly are kept, or refused with the fix.
     max_model_len: int = Field(51200, ge=16)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     dtype: str = "auto"
     max_num_seqs: int | None = Field(None, ge=1)
+    # vLLM's tokens per scheduler step, which also sizes its encoder cache: it must hold the
+    # largest video the video.* sampling budgets allow (unset: sized so). It may be below
+    # max_model_len, since long prompts are prefilled in chunks.
     max_num_batched_tokens: int | None = Field(None, ge=16)
     enforce_eager: bool = False
-    # CPU engine: bytes of KV cache (vLLM's VLLM_CPU_KVCACHE_SPACE only takes whole GiB).
+    # CPU engine: bytes of KV cache (vLLM's VLLM_CPU_KVCACHE_SPACE only takes whole GiB);
+    # unset on a CPU: a share of free memory.
     kv_cache_memory_bytes: int | None = Field(None, gt=0)
     # "image" > 0 sends up to that many of an event's `image` references to the model (before
     # the video); 0, the default, carries them through to the caption event unsent.
@@ -227,16 +239,6 @@ class ServingSettings(_Section):
     openai_retry_backoff_ms: int = Field(500, ge=0)
     # How the openai backend sends frames: as an inline data URL of the sampled frames.
     openai_video_transport: Literal["frames", "url"] = "frames"
-
-    @model_validator(mode="after")
-    def _tokens(self) -> ServingSettings:
-        if self.max_num_batched_tokens is not None and \
-                self.max_num_batched_tokens < self.max_model_len:
-            raise ValueError(
-                f"serving.max_num_batched_tokens ({self.max_num_batched_tokens}) is below "
-                f"serving.max_model_len ({self.max_model_len}); one video prompt must fit in a "
-                "scheduler step: raise it or lower max_model_len")
-        return self
 
 
 class WorkerSettings(_Section):
@@ -321,7 +323,9 @@ _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         frozen=True, extra="forbid", env_prefix=ENV_PREFIX, env_nested_delimiter="__",
-        nested_model_default_partial_update=True)
+        # Off, so each section's ``model_fields_set`` holds exactly the fields the user gave
+        # (file, environment, flags): the engine plan fills in only the others.
+        nested_model_default_partial_update=False)
 
     kafka: KafkaSettings = KafkaSettings()
     topics: TopicSettings = TopicSettings()

@@ -39,6 +39,12 @@ __all__ = ["FileStorage", "LocalModelVLMServing_vllm", "VideoToCaptionGenerator"
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _SERVING_ENV = f"{ENV_PREFIX}SERVING__"
+# LocalModelVLMServing_vllm's defaults (DataFlow-MM's), as serving fields.
+_SEED_DEFAULTS: dict[str, Any] = {
+    "model": DEFAULT_MODEL, "download_dir": None, "tensor_parallel_size": 1,
+    "temperature": 0.7, "top_p": 0.9, "max_tokens": 2048, "top_k": -1,
+    "repetition_penalty": 1.0, "seed": None, "max_model_len": 51200,
+    "gpu_memory_utilization": 0.9}
 
 
 def env_serving_fields() -> set[str]:
@@ -60,8 +66,10 @@ def seed_settings(base: Settings, fields: dict[str, Any]) -> Settings:
             f"max_num_batched_tokens, max_num_seqs, work_dir")
     pinned = env_serving_fields()
     chosen = {k: v for k, v in fields.items() if k not in pinned}
+    given = base.serving.model_dump(include=base.serving.model_fields_set)
     try:
-        serving = ServingSettings.model_validate({**base.serving.model_dump(), **chosen})
+        # Built from what was given only, so unset engine fields stay unset for the plan.
+        serving = ServingSettings.model_validate({**given, **chosen})
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
         raise ConfigError(f"invalid serving options: {problems}") from e
@@ -93,8 +101,13 @@ class LocalModelVLMServing_vllm:
             "max_tokens": vllm_max_tokens, "top_k": vllm_top_k,
             "repetition_penalty": vllm_repetition_penalty, "seed": vllm_seed,
             "max_model_len": vllm_max_model_len,
-            "gpu_memory_utilization": vllm_gpu_memory_utilization, **engine_kwargs}
-        self.settings = seed_settings(Settings.load(), fields)
+            "gpu_memory_utilization": vllm_gpu_memory_utilization}
+        # A value equal to the seed's default is what every ported script writes, not a
+        # choice: it stays unset, so the engine plan may fill it in for the machine (a CPU
+        # has no GPU memory share, a small model a shorter context).
+        fields = {k: v for k, v in fields.items()
+                  if k == "backend" or k not in _SEED_DEFAULTS or v != _SEED_DEFAULTS[k]}
+        self.settings = seed_settings(Settings.load(), {**fields, **engine_kwargs})
         self._backend: CaptionBackend | None = None
         self._owned = True
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -109,7 +122,7 @@ class LocalModelVLMServing_vllm:
     @property
     def backend(self) -> CaptionBackend:
         if self._backend is None:
-            self._backend = make_backend(self.settings.serving)
+            self._backend = make_backend(self.settings.serving, self.settings.video)
             atexit.register(self.cleanup)
         return self._backend
 

@@ -67,8 +67,8 @@ def test_file_storage_steps_like_dataflow(tmp_path: Path) -> None:
     assert two.read() == [{"video": ["a.mp4"], "caption": "x"}]
     with pytest.raises(ConfigError, match="storage.step"):
         _ = FileStorage(str(first)).read_path
-    with pytest.raises(ConfigError, match="json"):
-        FileStorage(str(first), cache_type="parquet")
+    with pytest.raises(ConfigError, match="json, jsonl, csv, parquet"):
+        FileStorage(str(first), cache_type="xlsx")
     assert FileStorage(str(first)).step().write_path == Path(
         "./cache/dataflow_cache_step_step1.json")
 
@@ -87,7 +87,9 @@ def test_resume_matches_by_id_else_position_and_same_video() -> None:
         0: "A", 2: "C"}
 
 
-def test_jsonl_line_that_is_not_json_fails_that_row_only(tmp_path: Path) -> None:
+def test_jsonl_line_that_is_not_json_fails_that_row_only(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # relative paths are read from the current directory
     make_video(tmp_path / "a.mp4", seed=1)
     src = tmp_path / "rows.jsonl"
     src.write_text('{"video": ["a.mp4"]}\n{not json\n')
@@ -101,7 +103,8 @@ def test_jsonl_line_that_is_not_json_fails_that_row_only(tmp_path: Path) -> None
 
 
 def test_a_dead_engine_stops_the_run_after_a_checkpoint_and_the_rerun_finishes(
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
     rows = []
     for n in range(6):
         make_video(tmp_path / f"v{n}.mp4", seed=n)

@@ -103,8 +103,9 @@ def test_limits_explained_at_start_up(tiny_model_dir):
     with pytest.raises(ConfigError, match="max_position_embeddings=65536"):
         check_engine_limits(tiny_cpu_settings(tiny_model_dir, max_model_len=70000,
                                               max_num_batched_tokens=70000), cpu=True)
-    with pytest.raises(ConfigError, match="kv_cache_memory_bytes"):
-        check_engine_limits(ServingSettings(model=str(tiny_model_dir)), cpu=True)
+    with pytest.raises(ConfigError, match="share of all RAM"):
+        check_engine_limits(ServingSettings(model=str(tiny_model_dir)), cpu=True,
+                            available_bytes=1 << 30)
     with pytest.raises(ConfigError, match="cannot hold one sequence"):
         check_engine_limits(tiny_cpu_settings(tiny_model_dir, kv_cache_memory_bytes=1 << 20),
                             cpu=True)

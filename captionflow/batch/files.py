@@ -1,5 +1,6 @@
-"""DataFlow row files: read a JSON list or JSONL file, write one atomically, and name the
-step files the way DataFlow's ``FileStorage`` does (``{cache_path}/{prefix}_step{N}.{ext}``).
+"""DataFlow row files: read a JSON list, JSONL, CSV or parquet file, write one atomically,
+and name the step files the way DataFlow's ``FileStorage`` does
+(``{cache_path}/{prefix}_step{N}.{ext}``).
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from typing import Any, Literal
 
 import orjson
 
+from captionflow.batch.tabular import decode_csv, decode_parquet, encode_csv, encode_parquet
 from captionflow.errors import ConfigError, ErrorCode, SchemaInvalidError
 
-CacheType = Literal["json", "jsonl"]
-CACHE_TYPES: tuple[CacheType, ...] = ("json", "jsonl")
+CacheType = Literal["json", "jsonl", "csv", "parquet"]
+CACHE_TYPES: tuple[CacheType, ...] = ("json", "jsonl", "csv", "parquet")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,13 +34,15 @@ class UnparsableLine:
 
 
 def cache_type_of(path: str | Path) -> CacheType:
-    return "jsonl" if Path(path).suffix.lower() == ".jsonl" else "json"
+    """The file type its suffix names (``.jsonl``, ``.csv``, ``.parquet``); JSON otherwise."""
+    suffix = Path(path).suffix.lower().lstrip(".")
+    return suffix if suffix in ("jsonl", "csv", "parquet") else "json"  # type: ignore[return-value]
 
 
 def check_cache_type(cache_type: str) -> CacheType:
     if cache_type not in CACHE_TYPES:
         raise ConfigError(
-            f"cache_type {cache_type!r} is not supported by captionflow: use 'json' or 'jsonl'")
+            f"cache_type {cache_type!r} is not supported: use one of {', '.join(CACHE_TYPES)}")
     return cache_type  # type: ignore[return-value]
 
 
@@ -52,14 +56,20 @@ def step_path(cache_path: str | Path, prefix: str, step: int, cache_type: str) -
 def read_rows(path: str | Path) -> list[Any]:
     """Every row of a DataFlow file, in order. A JSON file holds a list of rows (a single
     object counts as one row); a JSONL file one row per non-blank line, where a line that is
-    not JSON becomes an :class:`UnparsableLine`. Raises ConfigError when the file cannot be
-    read and SchemaInvalidError when a JSON file is not JSON at all."""
+    not JSON becomes an :class:`UnparsableLine`; a CSV or parquet file one row per record
+    (see :mod:`captionflow.batch.tabular`). Raises ConfigError when the file cannot be read
+    and SchemaInvalidError when it is not of its type at all."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as e:
         raise ConfigError(f"cannot read the input file {path}: {e.strerror or e}") from e
-    if cache_type_of(path) == "jsonl":
+    kind = cache_type_of(path)
+    if kind == "csv":
+        return decode_csv(data, str(path))
+    if kind == "parquet":
+        return decode_parquet(data, str(path))
+    if kind == "jsonl":
         rows: list[Any] = []
         for n, line in enumerate(data.splitlines(), 1):
             if not line.strip():
@@ -80,6 +90,10 @@ def read_rows(path: str | Path) -> list[Any]:
 
 
 def encode_rows(rows: list[Any], cache_type: CacheType) -> bytes:
+    if cache_type == "csv":
+        return encode_csv(rows)
+    if cache_type == "parquet":
+        return encode_parquet(rows)
     if cache_type == "jsonl":
         return b"".join(orjson.dumps(row) + b"\n" for row in rows)
     return orjson.dumps(rows, option=orjson.OPT_INDENT_2) + b"\n"

@@ -17,14 +17,10 @@ from captionflow.serving.base import CaptionBackend
 log = logging.getLogger(__name__)
 
 
-def batch_video_settings(settings: Settings, input_path: str | Path) -> Settings:
-    """Batch rows name videos relative to where the user runs (DataFlow opens them as
-    written): with no ``video.allowed_roots`` configured, local paths may lie under the
-    current directory or the input file's directory."""
-    if settings.video.allowed_roots:
-        return settings
-    roots = tuple(dict.fromkeys((Path.cwd().resolve(), Path(input_path).resolve().parent)))
-    video = settings.video.model_copy(update={"allowed_roots": roots})
+def batch_video_settings(settings: Settings) -> Settings:
+    """Batch rows name the user's own files, wherever they are, as DataFlow opens them: the
+    OS user's permissions are the boundary, and ``video.allowed_roots`` applies when set."""
+    video = settings.video.model_copy(update={"any_local_path": True})
     return settings.model_copy(update={"video": video})
 
 
@@ -53,7 +49,7 @@ async def run_file(input_path: str | Path, output_path: str | Path, *, cache_typ
     output_path = Path(output_path)
     previous = previous_output(output_path) if resume else None
     _, report = await caption_rows(
-        rows, settings=batch_video_settings(settings, input_path), backend=backend, keys=keys,
+        rows, settings=batch_video_settings(settings), backend=backend, keys=keys,
         previous=previous, concurrency=concurrency, on_row=on_row,
         checkpoint=lambda out: write_rows(output_path, out, cache_type),
         checkpoint_interval_s=checkpoint_interval_s)

@@ -29,7 +29,13 @@ from captionflow.batch.rows import (
 )
 from captionflow.captioning import Attempts, caption_event
 from captionflow.config import Settings
-from captionflow.errors import CaptionflowError, FatalError, InternalError
+from captionflow.errors import (
+    CaptionflowError,
+    EngineDeadError,
+    ErrorKind,
+    FatalError,
+    InternalError,
+)
 from captionflow.serving.base import CaptionBackend, CaptionRequest, CaptionResult
 from captionflow.video.source import FrameSource
 
@@ -69,20 +75,33 @@ Checkpoint = Callable[[list[Any]], None]
 
 
 class _LazyBackend:
-    """Starts the backend once, on the first request, while other rows keep decoding."""
+    """Starts the backend once, on the first request, while other rows keep decoding. A
+    failed start is tried once only: ``start_error`` then ends the run."""
 
     def __init__(self, backend: CaptionBackend, report: BatchReport) -> None:
         self._backend = backend
         self._report = report
         self._lock = asyncio.Lock()
-        self._started = False
+        self.started = False
+        self.start_error: CaptionflowError | None = None
 
     async def caption(self, request: CaptionRequest) -> CaptionResult:
-        if not self._started:
+        if not self.started:
             async with self._lock:
-                if not self._started:
-                    await self._backend.start()
-                    self._started = self._report.engine_started = True
+                if self.start_error is not None:
+                    raise self.start_error
+                if not self.started:
+                    try:
+                        await self._backend.start()
+                    except CaptionflowError as e:
+                        self.start_error = e
+                        raise
+                    except Exception as e:
+                        self.start_error = EngineDeadError(
+                            f"the {self._backend.name} backend failed to start: "
+                            f"{type(e).__name__}: {e}")
+                        raise self.start_error from e
+                    self.started = self._report.engine_started = True
         return await self._backend.caption(request)
 
 
@@ -114,7 +133,8 @@ async def caption_rows(rows: list[Any], *, settings: Settings, backend: CaptionB
         nonlocal last_write
         if on_row:
             on_row(i, outcome)
-        if checkpoint and time.monotonic() - last_write >= checkpoint_interval_s:
+        # No checkpoint before the engine runs: a start-up failure leaves the output as it was.
+        if checkpoint and lazy.started and time.monotonic() - last_write >= checkpoint_interval_s:
             checkpoint(out)
             last_write = time.monotonic()
 
@@ -132,6 +152,9 @@ async def caption_rows(rows: list[Any], *, settings: Settings, backend: CaptionB
         except FatalError:
             raise
         except Exception as e:
+            if lazy.start_error is not None or (
+                    isinstance(e, CaptionflowError) and e.kind is ErrorKind.FATAL):
+                raise  # the run's fault (settings, engine start-up), not this row's
             error = e if isinstance(e, CaptionflowError) else InternalError(
                 f"unexpected {type(e).__name__}: {e}")
             if not isinstance(e, CaptionflowError):
@@ -154,10 +177,11 @@ async def caption_rows(rows: list[Any], *, settings: Settings, backend: CaptionB
                 for _ in range(min(lanes, len(rows) - len(done)) or 0):
                     group.create_task(lane(frames))
     except ExceptionGroup as eg:
-        # Rows catch their own errors, so only a fatal one (dead engine) gets here.
-        raise eg.exceptions[0] from None
+        # Rows catch their own errors, so only a fatal one (settings, engine start-up, dead
+        # engine) gets here; a start-up failure is reported as itself, once.
+        raise (lazy.start_error or eg.exceptions[0]) from None
     finally:
         report.wall_s = time.monotonic() - started
-        if checkpoint:
+        if checkpoint and lazy.start_error is None:
             checkpoint(out)
     return out, report

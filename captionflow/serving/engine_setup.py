@@ -1,5 +1,6 @@
 """Engine set-up shared by the vLLM backends, the benchmark and the demo: the process
-environment vLLM writes into, the CPU engine settings, and start-up checks of the limits."""
+environment vLLM writes into, the tiny model's CPU engine settings, and the engine arguments.
+What is filled in for unset settings, and the start-up checks, live in :mod:`engine_plan`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from captionflow.config import ServingSettings
-from captionflow.errors import ConfigError
+from captionflow.serving.engine_plan import (  # noqa: F401  (re-exported)
+    check_engine_limits,
+    kv_bytes_per_token,
+    model_max_positions,
+    plan_engine,
+)
 
 # Measured on a 2-core CPU machine with the tiny model (docs/serving.md, FACTS.md).
 CPU_KV_CACHE_BYTES = 256 << 20
@@ -58,65 +64,6 @@ def prepare_vllm_environment(work_dir: str | Path | None = None) -> Path:
 def on_cpu() -> bool:
     from vllm.platforms import current_platform
     return bool(current_platform.is_cpu())
-
-
-def model_max_positions(model: str) -> int | None:
-    """The model's own context limit from a local ``config.json``; None when the model is
-    not a local folder (a hub name is checked by vLLM itself)."""
-    path = Path(model) / "config.json"
-    if not path.is_file():
-        return None
-    config = json.loads(path.read_text())
-    text = config.get("text_config") or {}
-    value = text.get("max_position_embeddings") or config.get("max_position_embeddings")
-    return int(value) if value else None
-
-
-def check_engine_limits(settings: ServingSettings, *, cpu: bool) -> None:
-    """Refuse settings that the engine would reject later or mishandle, with the fix."""
-    limit = model_max_positions(settings.model)
-    if limit is not None and settings.max_model_len > limit:
-        raise ConfigError(
-            f"serving.max_model_len={settings.max_model_len} is above the model's own limit "
-            f"(max_position_embeddings={limit} in {settings.model}/config.json): set "
-            f"CAPTIONFLOW_SERVING__MAX_MODEL_LEN={limit} or lower")
-    if cpu and settings.kv_cache_memory_bytes is None:
-        raise ConfigError(
-            "the vLLM CPU backend reads serving.gpu_memory_utilization "
-            f"({settings.gpu_memory_utilization}) as a share of RAM and refuses to start "
-            "when that much is not free: set serving.kv_cache_memory_bytes instead "
-            f"(e.g. CAPTIONFLOW_SERVING__KV_CACHE_MEMORY_BYTES={CPU_KV_CACHE_BYTES})")
-    if cpu and settings.tensor_parallel_size != 1:
-        raise ConfigError("serving.tensor_parallel_size must be 1 on the CPU engine")
-    if settings.limit_mm_per_prompt.get("video", 1) < 1:
-        raise ConfigError("serving.limit_mm_per_prompt must allow one video "
-                          "(e.g. {\"image\": 0, \"video\": 1})")
-    if cpu and settings.kv_cache_memory_bytes is not None:
-        # One full-length sequence must fit in the KV cache or vLLM refuses at start-up.
-        needed = _kv_bytes_per_token(settings.model, settings.dtype) * settings.max_model_len
-        if needed and settings.kv_cache_memory_bytes < needed:
-            raise ConfigError(
-                f"serving.kv_cache_memory_bytes={settings.kv_cache_memory_bytes} cannot hold "
-                f"one sequence of serving.max_model_len={settings.max_model_len} tokens "
-                f"(needs about {needed} bytes): raise kv_cache_memory_bytes or lower "
-                "max_model_len")
-
-
-def _kv_bytes_per_token(model: str, dtype: str) -> int:
-    path = Path(model) / "config.json"
-    if not path.is_file():
-        return 0
-    config = json.loads(path.read_text())
-    text = config.get("text_config") or config
-    try:
-        layers = int(text["num_hidden_layers"])
-        heads = int(text["num_attention_heads"])
-        kv_heads = int(text.get("num_key_value_heads") or heads)
-        head_dim = int(text.get("head_dim") or int(text["hidden_size"]) // heads)
-    except (KeyError, TypeError, ValueError):
-        return 0
-    width = 4 if dtype in ("float32", "float") else 2
-    return 2 * layers * kv_heads * head_dim * width
 
 
 def engine_args(settings: ServingSettings) -> Any:
