@@ -128,10 +128,10 @@ class VideoSettings(_Section):
     # Attempts per S3 request (botocore's standard retries: throttling, 5xx, resets).
     s3_max_attempts: int = Field(3, ge=1)
     # Objects up to this size are downloaded in one GET; larger ones are decoded straight
-    # from the store in ranged GETs, read-ahead doubling from s3_min_read_bytes to
+    # from the store in ranged GETs, read-ahead growing from s3_min_read_bytes to
     # s3_max_read_bytes while reads are sequential, s3_cache_bytes kept per video.
     s3_whole_object_max_bytes: int = Field(8 * 1024**2, ge=0)
-    s3_min_read_bytes: int = Field(256 * 1024, gt=0)
+    s3_min_read_bytes: int = Field(128 * 1024, gt=0)
     s3_max_read_bytes: int = Field(8 * 1024**2, gt=0)
     s3_cache_bytes: int = Field(32 * 1024**2, gt=0)
     max_duration_s: float = Field(3 * 3600.0, gt=0)

@@ -69,6 +69,8 @@ class VideoIndex:
     keyframe_pts: np.ndarray
     # False when a GOP has frames shown before its keyframe (open GOP): seeking is unsafe.
     seekable: bool
+    # Bytes this probe fetched from an object store (0 for a local file).
+    bytes_read: int = 0
 
     def timestamp_s(self, frame_index: int) -> float:
         return round(float((int(self.pts[frame_index]) - int(self.pts[0])) * self.time_base), 6)
@@ -90,6 +92,20 @@ class DecodeStats:
     decode_errors: int = 0
     linear_fallback: bool = False
     rotation_deg: int = 0
+    bytes_read: int = 0  # fetched from an object store by this decode (0 for a local file)
+
+
+def _bytes_read(path: Path | RemoteVideo) -> int:
+    return 0 if isinstance(path, Path) else path.bytes_read
+
+
+def _index_keyframe_positions(path: Path | RemoteVideo, stream: av.VideoStream) -> set[int] | None:
+    """Byte positions of the keyframes in the container's own index, when the probe read
+    the index but not the payload (an object store's index-only read): the codec parser
+    that flags keyframes from the payload then saw zeros, the index (MP4 ``stss``) did not."""
+    if isinstance(path, Path) or not path.payload_skipped:
+        return None
+    return {entry.pos for entry in stream.index_entries if entry.is_keyframe}
 
 
 def _open(path: Path | RemoteVideo, *, index_only: bool = False) -> av.container.InputContainer:
@@ -121,7 +137,7 @@ def _video_stream(container: av.container.InputContainer, path: Path) -> av.Vide
     return stream
 
 
-def probe(path: Path, *, max_duration_s: float, max_source_pixels: int | None = None,
+def probe(path: Path | RemoteVideo, *, max_duration_s: float, max_source_pixels: int | None = None,
           max_source_frames: int | None = None,
           max_probe_packets: int | None = None) -> VideoIndex:
     """Demux ``path`` (no decoding) and return its frame index and facts, enforcing the
@@ -129,6 +145,7 @@ def probe(path: Path, *, max_duration_s: float, max_source_pixels: int | None = 
     size_bytes = path.stat().st_size if isinstance(path, Path) else path.size_bytes
     if size_bytes == 0:
         raise VideoEmptyError(f"{path.name} is empty (0 bytes)")
+    bytes_before = _bytes_read(path)
     with _open(path, index_only=True) as container:
         stream = _video_stream(container, path)
         codec = stream.codec_context.codec.canonical_name
@@ -144,6 +161,7 @@ def probe(path: Path, *, max_duration_s: float, max_source_pixels: int | None = 
         pts_list = array("q")  # decode order
         dur_list = array("q")
         key_list = bytearray()
+        index_keys = _index_keyframe_positions(path, stream)
         max_ticks = max_duration_s / tb if tb else None
         first_pts: int | None = None
         try:
@@ -155,7 +173,8 @@ def probe(path: Path, *, max_duration_s: float, max_source_pixels: int | None = 
                     pts = pts_list[-1] + 1 if pts_list else 0
                 pts_list.append(pts)
                 dur_list.append(packet.duration or 0)
-                key_list.append(packet.is_keyframe)
+                key_list.append(packet.is_keyframe if index_keys is None
+                                else packet.pos in index_keys)
                 n = len(pts_list)
                 if max_probe_packets is not None and n > max_probe_packets:
                     raise _too_many_frames(path, f"over {max_probe_packets} packets",
@@ -198,7 +217,7 @@ def probe(path: Path, *, max_duration_s: float, max_source_pixels: int | None = 
                        total_frames=len(pts_sorted), width=width, height=height, codec=codec,
                        size_bytes=size_bytes)
     return VideoIndex(facts=facts, pts=pts_sorted, time_base=tb, keyframe_pts=keyframes,
-                      seekable=seekable)
+                      seekable=seekable, bytes_read=_bytes_read(path) - bytes_before)
 
 
 def _too_long(path: Path, seconds: float, max_duration_s: float) -> VideoTooLongError:
@@ -226,7 +245,7 @@ def _header_duration_s(container: av.container.InputContainer,
 Alloc = Callable[[tuple[int, ...]], np.ndarray]
 
 
-def decode_frames(path: Path, index: VideoIndex, frame_indices: list[int], *,
+def decode_frames(path: Path | RemoteVideo, index: VideoIndex, frame_indices: list[int], *,
                   height: int, width: int, threads: int = 0,
                   max_source_pixels: int | None = None,
                   alloc: Alloc | None = None) -> tuple[np.ndarray, DecodeStats]:
@@ -241,6 +260,7 @@ def decode_frames(path: Path, index: VideoIndex, frame_indices: list[int], *,
     wanted = sorted(set(frame_indices))
     target_pts = [int(index.pts[i]) for i in wanted]
     stats = DecodeStats()
+    bytes_before = _bytes_read(path)
     got: dict[int, np.ndarray] = {}
     opts = _Options(height, width, threads, max_source_pixels, path.name)
     _decode_into(path, index, target_pts, got, stats, opts, fast=True)
@@ -262,6 +282,7 @@ def decode_frames(path: Path, index: VideoIndex, frame_indices: list[int], *,
     for row, i in enumerate(frame_indices):
         frame = got[int(index.pts[i])]
         out[row] = np.rot90(frame, k=turns) if turns else frame
+    stats.bytes_read = _bytes_read(path) - bytes_before
     return out, stats
 
 

@@ -2,10 +2,13 @@
 
 PyAV reads a Python file object through FFmpeg's AVIO callbacks: ``read``, ``seek``,
 ``tell``. :class:`RangeReader` answers them from a small cache of byte ranges fetched with
-one function, ``fetch(start, end) -> bytes`` (``end`` exclusive). Read-ahead grows while
-reads are sequential (``min_fetch_bytes`` doubling up to ``max_fetch_bytes``) and falls back
-to the minimum after a seek, so a sparse sample that seeks from GOP to GOP fetches little
-beyond the packets it decodes, while a linear pass still streams in large requests.
+one function, ``fetch(start, end) -> bytes`` (``end`` exclusive). Read-ahead grows by a
+quarter per request while reads are sequential (from ``min_fetch_bytes`` up to
+``max_fetch_bytes``) and falls back to the minimum after a seek. Growth is gentle on
+purpose: a run of reads ends with one request whose unread tail is wasted, and doubling
+would waste up to the whole run, while a quarter wastes at most a quarter of it. A sparse
+sample that seeks from GOP to GOP therefore fetches little beyond the packets it decodes,
+and a linear pass still reaches large requests after a few dozen.
 
 ``hollow`` ranges are answered with zeros and never fetched. :func:`mp4_hollow_ranges`
 finds them for the demux-only probe of an MP4/MOV whose index sits in its ``moov`` box:
@@ -65,6 +68,11 @@ class RemoteVideo(ABC):
     @property
     def bytes_read(self) -> int:
         return self.counter.value
+
+    @property
+    def payload_skipped(self) -> bool:
+        """Whether an ``index_only`` reader of this process left payload bytes unfetched."""
+        return False
 
     def release(self) -> None:
         """Nothing to delete: no local copy was made."""
@@ -167,7 +175,8 @@ class RangeReader(io.RawIOBase):
 
     def _fill(self, pos: int) -> tuple[int, bytes]:
         sequential = pos == self._last_fetch_end
-        self._next_fetch = min(self._next_fetch * 2, self._max) if sequential else self._min
+        self._next_fetch = min(self._next_fetch * 5 // 4, self._max) if sequential \
+            else self._min
         end = min(pos + self._next_fetch, self._size)
         for start, _ in self._hollow:
             if pos < start < end:

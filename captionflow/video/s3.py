@@ -210,6 +210,10 @@ class S3File(RemoteVideo):
         self._init_process_state()
 
     @property
+    def payload_skipped(self) -> bool:
+        return bool(self._hollow)
+
+    @property
     def url(self) -> str:
         return f"s3://{self.bucket}/{self.key}"
 
@@ -228,9 +232,10 @@ class S3File(RemoteVideo):
                            max_fetch_bytes=self.max_fetch_bytes, hollow=hollow)
 
     def _peek(self, pos: int, n: int) -> bytes:
-        reader = self._reader([])
-        reader.seek(pos)
-        return reader.read(n) or b""
+        # Box headers only: a few exact small GETs, not a read-ahead into the payload.
+        data = self.fetch(pos, min(pos + n, self.size_bytes))
+        self.counter.add(len(data))
+        return data
 
     def fetch(self, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of this object version."""

@@ -35,6 +35,7 @@ from captionflow.errors import (
 from captionflow.video.clip import Clip
 from captionflow.video.decode import DecodeStats, VideoIndex, decode_frames, probe
 from captionflow.video.fetch import LocalVideo, fetch
+from captionflow.video.ranged import RemoteVideo
 from captionflow.video.pool import DecodePool
 from captionflow.video.sampling import SamplingPolicy
 from captionflow.video.windows import plan_windows
@@ -141,11 +142,13 @@ def load_clips(reference: str, settings: VideoSettings,
     video = fetch(reference, settings)
     fetch_s = time.monotonic() - started
     try:
+        fetched = _BytesRead(video.bytes_read)
         index = probe(**_probe_kwargs(video.source, settings))
+        fetched.add(index.bytes_read)
         clips = []
         for plan in plan_clips(index, policy, settings):
             frames, stats = decode_frames(**_decode_kwargs(video.source, index, plan, settings))
-            clips.append(_clip(index, plan, frames, stats))
+            clips.append(fetched.tag(_clip(index, plan, frames, stats), stats))
     finally:
         video.release()
     for clip in clips:
@@ -153,16 +156,38 @@ def load_clips(reference: str, settings: VideoSettings,
     return clips
 
 
+class _BytesRead:
+    """Bytes fetched over the network for one event so far: the fetch, the probe and every
+    decode (each counted where it ran, child process or not). Every clip's
+    ``extra["bytes_read"]`` is the running total, so the event's is its clips' maximum.
+    Local files have none."""
+
+    def __init__(self, fetched: int | None) -> None:
+        self.total = fetched
+
+    def add(self, n: int) -> None:
+        if self.total is not None:
+            self.total += n
+
+    def tag(self, clip: Clip, stats: DecodeStats) -> Clip:
+        self.add(stats.bytes_read)
+        if self.total is not None:
+            clip.extra["bytes_read"] = self.total
+        return clip
+
+
 class VideoClips:
     """One fetched and probed video (a :class:`captionflow.video.clip.ClipStream`): clip
     ``i`` is decoded in a decoder process when ``await clip(i)`` asks for it."""
 
-    def __init__(self, pool: DecodePool, video: LocalVideo, index: VideoIndex,
+    def __init__(self, pool: DecodePool, video: LocalVideo | RemoteVideo, index: VideoIndex,
                  plans: list[_Plan], settings: VideoSettings, fetch_s: float,
-                 probe_s: float) -> None:
+                 probe_s: float, fetched_bytes: int | None = None) -> None:
         self._pool = pool
         self._video = video
         self._index = index
+        self._bytes = _BytesRead(fetched_bytes)
+        self._bytes.add(index.bytes_read)
         self._plans = plans
         self._settings = settings
         self.fetch_s = fetch_s
@@ -189,7 +214,7 @@ class VideoClips:
                 **_decode_kwargs(self._video.source, self._index, plan, self._settings)))
         finally:
             self.decode_s += time.monotonic() - started
-        clip = _clip(self._index, plan, frames, stats)
+        clip = self._bytes.tag(_clip(self._index, plan, frames, stats), stats)
         clip.extra["fetch_s"] = self.fetch_s
         clip.extra["decode_s"] = time.monotonic() - started
         return clip
@@ -231,6 +256,7 @@ class FrameSource:
         video = await _guard(reference, _in_daemon_thread(
             fetch, reference, self._fetch_settings))
         fetch_s = time.monotonic() - started
+        fetched_bytes = video.bytes_read
         try:
             index = await _guard(reference, self._pool.probe(
                 **_probe_kwargs(video.source, settings)))
@@ -239,7 +265,7 @@ class FrameSource:
             video.release()
             raise
         return VideoClips(self._pool, video, index, plans, settings, fetch_s,
-                          time.monotonic() - started - fetch_s)
+                          time.monotonic() - started - fetch_s, fetched_bytes)
 
     async def clips(self, reference: str,
                     overrides: Mapping[str, Any] | None = None) -> list[Clip]:
