@@ -9,10 +9,13 @@ topics with 4 partitions, so the topics are created explicitly up front.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import shutil
+import signal
 import socket
+import sys
 import subprocess
 import tempfile
 import threading
@@ -49,7 +52,33 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def _port_free(host: str, port: int) -> bool:
+# prctl(2) option: the kernel sends the child this signal when its parent thread ends.
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> Any:
+    """A ``preexec_fn`` that makes the child get SIGKILL when this process dies, however it
+    dies (Linux only; None elsewhere). The death signal is tied to the thread that forks, so
+    it is set only when the main thread starts the broker."""
+    if not sys.platform.startswith("linux") or \
+            threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        # The parent may have died before prctl took effect.
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
+
+
+def port_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -109,7 +138,8 @@ class EmbeddedBroker:
         return f"{self.host}:{self.port}"
 
     def kafka_settings(self) -> KafkaSettings:
-        """Connection settings for this broker (idempotence off: Tansu cannot do it)."""
+        """Connection settings for this broker (idempotence off: Tansu cannot give producer
+        ids, and saying so up front spares the auto mode's warning)."""
         return KafkaSettings(bootstrap_servers=self.bootstrap_servers,
                              enable_idempotence=False)
 
@@ -142,7 +172,7 @@ class EmbeddedBroker:
             f"embedded broker did not start: {last_error}; log: {self.log_path or 'none'}")
 
     def _spawn(self, binary: Path, port: int) -> None:
-        if not _port_free(self.host, port):
+        if not port_free(self.host, port):
             raise BrokerUnavailableError(f"port {port} on {self.host} is taken")
         self._workdir = Path(tempfile.mkdtemp(prefix="captionflow-tansu-"))
         env = {**os.environ, "NO_COLOR": "1", "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
@@ -155,7 +185,7 @@ class EmbeddedBroker:
             [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
              "--storage-engine", "memory://tansu/"],
             stdin=subprocess.DEVNULL, stdout=log_target, stderr=log_target, env=env,
-            cwd=self._workdir, start_new_session=True)
+            cwd=self._workdir, start_new_session=True, preexec_fn=_die_with_parent())
         # A lost port race shows as an exit within ~10 ms.
         time.sleep(0.05)
         if self._proc.poll() is not None:

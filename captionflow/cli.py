@@ -13,15 +13,19 @@ from typing import Annotated, Any
 import orjson
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from captionflow.config import Settings
-from captionflow.errors import CaptionflowError
+from captionflow.config import KafkaSettings, Settings
+from captionflow.errors import CaptionflowError, ConfigError
+from captionflow.logs import setup_logging
 
 app = typer.Typer(
     name="captionflow", no_args_is_help=True, add_completion=False,
     pretty_exceptions_show_locals=False,
     help="Stream-scale video captioning: Kafka in, Qwen2.5-VL on vLLM, captions out.")
 err = Console(stderr=True)
+# Where `captionflow broker` listens: kafka.bootstrap_servers' default.
+DEFAULT_BROKER_PORT = int(KafkaSettings().bootstrap_servers.rsplit(":", 1)[1])
 
 ConfigOpt = Annotated[Path | None, typer.Option(
     "--config", "-c", help="TOML or JSON settings file (also CAPTIONFLOW_CONFIG).",
@@ -40,30 +44,31 @@ def load_settings(config: Path | None, **overrides: Any) -> Settings:
         raise typer.Exit(2) from e
 
 
-def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)
-
-
-def fail(e: CaptionflowError, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {e}")
-    return typer.Exit(code)
+def fail(e: CaptionflowError, code: int | None = None) -> typer.Exit:
+    """Print the error; exit 2 for settings to change (ConfigError), else 1."""
+    err.print(f"[red]error:[/red] {escape(str(e))}")
+    return typer.Exit(code if code is not None else 2 if isinstance(e, ConfigError) else 1)
 
 
 @app.command()
 def broker(
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 = a free one).")] = 0,
+    port: Annotated[int, typer.Option(
+        help="Port on 127.0.0.1; the default is the one every other command uses. "
+             "0 = a free one.")] = DEFAULT_BROKER_PORT,
     partitions: Annotated[int | None, typer.Option(help="Partitions per topic.")] = None,
     config: ConfigOpt = None, verbose: VerboseOpt = False,
 ) -> None:
     """Run the embedded Kafka-protocol broker (Tansu) with the three topics created."""
-    from captionflow.broker import EmbeddedBroker
+    from captionflow.broker import EmbeddedBroker, port_free
 
     setup_logging(verbose)
     settings = load_settings(config, **{"topics.partitions": partitions})
     t = settings.topics
+    if port and not port_free("127.0.0.1", port):
+        err.print(f"[red]error:[/red] port {port} on 127.0.0.1 is taken (another broker, or "
+                  "another program). `captionflow broker --port 0` picks a free port; then "
+                  "give the other commands its address with --bootstrap-servers.")
+        raise typer.Exit(1)
     b = EmbeddedBroker(port=port or None, topics=(t.input, t.output, t.dead_letter),
                        partitions=t.partitions)
 
@@ -79,9 +84,12 @@ def broker(
         b.stop()
         return
     print(f"bootstrap servers: {b.bootstrap_servers}", flush=True)
+    if b.bootstrap_servers == KafkaSettings().bootstrap_servers:
+        how = "the other commands find it with their default settings"
+    else:
+        how = f"give the other commands --bootstrap-servers {b.bootstrap_servers}"
     err.print(f"topics {t.input}, {t.output}, {t.dead_letter} ({t.partitions} partitions); "
-              f"export CAPTIONFLOW_KAFKA__BOOTSTRAP_SERVERS={b.bootstrap_servers} "
-              "CAPTIONFLOW_KAFKA__ENABLE_IDEMPOTENCE=false; Ctrl-C stops it")
+              f"{how}; Ctrl-C stops it", soft_wrap=True)
 
     try:
         code = b.wait()
@@ -115,7 +123,8 @@ def topics(config: ConfigOpt = None, bootstrap_servers: BootstrapOpt = None,
 @app.command()
 def publish(
     inputs: Annotated[list[str], typer.Argument(
-        help="Video files, directories, globs, URLs, DataFlow JSON or JSONL files.")],
+        help="Video files, directories, globs, URLs, s3://bucket/prefix/ (one event per "
+             "video object), DataFlow JSON or JSONL files.")],
     id_from: Annotated[str, typer.Option(
         help="auto (row id, else uuid) | uuid | path (stable per reference) | field (row id)")
     ] = "auto",
@@ -141,7 +150,7 @@ def publish(
             async with Publisher(settings.kafka, topic=settings.topics.input) as pub:
                 return await pub.publish_inputs(
                     inputs, id_from=id_from,  # type: ignore[arg-type]
-                    on_sent=lambda ev, meta: progress.advance(task))
+                    on_sent=lambda ev, meta: progress.advance(task), video=settings.video)
 
     try:
         report = asyncio.run(go())
@@ -169,11 +178,15 @@ def subscribe(
     latest: Annotated[bool, typer.Option("--latest", help="Only new records.")] = False,
     group: Annotated[str | None, typer.Option(help="Join this group and commit.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="JSONL file.")] = None,
-    config: ConfigOpt = None, bootstrap_servers: BootstrapOpt = None,
+    config: ConfigOpt = None, bootstrap_servers: BootstrapOpt = None, verbose: VerboseOpt = False,
 ) -> None:
     """Print caption events (and dead-letter events) as JSON lines."""
-    from captionflow.consumer.subscriber import subscribe as run_subscribe
+    from aiokafka.errors import KafkaError
 
+    from captionflow.consumer.subscriber import subscribe as run_subscribe
+    from captionflow.kafka import start_error
+
+    setup_logging(verbose)
     settings = load_settings(config, **{"kafka.bootstrap_servers": bootstrap_servers})
     t = settings.topics
     names = [t.dead_letter] if only_dead_letter else \
@@ -190,6 +203,8 @@ def subscribe(
             timeout_s=timeout, group_id=group))
     except KeyboardInterrupt:
         return
+    except (KafkaError, OSError) as e:
+        raise fail(asyncio.run(start_error(e, settings.kafka, client="subscriber"))) from e
     finally:
         if output:
             out.close()
@@ -220,9 +235,9 @@ def serve(
     # request simply ends the process: nothing has been consumed yet.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_before_start)
+    setup_logging(verbose, service=True)
     from captionflow.consumer.service import Worker
 
-    setup_logging(verbose)
     settings = load_settings(config, **{
         "kafka.bootstrap_servers": bootstrap_servers, "worker.group_id": group,
         "serving.backend": backend, "serving.model": model, "metrics.port": metrics_port,
@@ -236,14 +251,15 @@ def serve(
     try:
         code = asyncio.run(run())
     except CaptionflowError as e:
-        raise fail(e, 2 if e.code == "config_invalid" else 1) from e
+        raise fail(e) from e
     raise typer.Exit(code)
 
 
 @app.command()
 def run(
     input_path: Annotated[Path, typer.Option(
-        "--input", "-i", help="DataFlow rows: a JSON list, or JSONL (one row per line).",
+        "--input", "-i",
+        help="DataFlow rows: a JSON list, JSONL (one row per line), .csv or .parquet.",
         exists=True, dir_okay=False)],
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Output file; default {cache-path}/{prefix}_step{N}.{type}.")
@@ -253,7 +269,7 @@ def run(
     file_name_prefix: Annotated[str, typer.Option(help="DataFlow FileStorage file_name_prefix.")
                                 ] = "dataflow_cache_step",
     cache_type: Annotated[str | None, typer.Option(
-        help="json | jsonl; default json, or --output's suffix.")] = None,
+        help="json | jsonl | csv | parquet; default json, or --output's suffix.")] = None,
     step: Annotated[int, typer.Option(help="Step number N of the output file.", min=1)] = 1,
     input_video_key: Annotated[str, typer.Option()] = "video",
     input_image_key: Annotated[str, typer.Option()] = "image",
@@ -272,7 +288,8 @@ def run(
     model: Annotated[str | None, typer.Option(help="Model name or path (serving.model).")] = None,
     allowed_root: Annotated[list[Path] | None, typer.Option(
         help="Directory local video paths must lie under (repeatable; video.allowed_roots; "
-             "default: the current directory and the input file's).")] = None,
+             "default: any file you can read, relative paths from the current directory).")
+    ] = None,
     config: ConfigOpt = None, verbose: VerboseOpt = False,
 ) -> None:
     """Caption the videos of a DataFlow JSON/JSONL file into a DataFlow step file."""
@@ -293,7 +310,7 @@ def run(
         raise fail(e, 2) from e
     keys = RowKeys(video=input_video_key, image=input_image_key,
                    conversation=input_conversation_key, output=output_key)
-    serving = make_backend(settings.serving)
+    serving = make_backend(settings.serving, settings.video)
 
     async def go() -> Any:
         try:
@@ -338,7 +355,6 @@ def demo(
     setup_logging(verbose)
     if not verbose:
         logging.getLogger().setLevel(logging.WARNING)
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     if model is None:  # the tiny model is built locally; nothing to download
         os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -37,7 +37,7 @@ def test_free_port_race_is_retried(broker: EmbeddedBroker, monkeypatch) -> None:
 
 def test_cli_broker_prints_bootstrap_and_stops_on_sigterm() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "captionflow", "broker", "--partitions", "2"],
+        [sys.executable, "-m", "captionflow", "broker", "--port", "0", "--partitions", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:

@@ -15,7 +15,21 @@ def test_defaults_are_the_seed_serving_options() -> None:
     assert s.serving.gpu_memory_utilization == 0.9
     assert s.serving.default_prompt == "Please describe the video in detail."
     assert s.serving.system_prompt == "You are a helpful assistant."
-    assert s.kafka.enable_idempotence is True
+    assert s.kafka.enable_idempotence == "auto"
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("auto", "auto"), ("true", True), ("false", False), ("1", True), ("0", False)])
+def test_enable_idempotence_is_auto_true_or_false(value: str, expected: object,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAPTIONFLOW_KAFKA__ENABLE_IDEMPOTENCE", value)
+    assert Settings.load().kafka.enable_idempotence == expected
+
+
+def test_enable_idempotence_rejects_other_words(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAPTIONFLOW_KAFKA__ENABLE_IDEMPOTENCE", "maybe")
+    with pytest.raises(ConfigError, match="kafka.enable_idempotence"):
+        Settings.load()
 
 
 def test_precedence_overrides_then_env_then_file(tmp_path: Path,
