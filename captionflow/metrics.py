@@ -14,6 +14,7 @@ from captionflow.errors import ErrorCode
 STAGES = ("fetch", "decode", "queue", "inference", "publish", "end_to_end")
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                      120.0, 300.0, 600.0)
+BYTES_BUCKETS = tuple(float(1 << n) for n in range(16, 36, 2))  # 64 KiB .. 16 GiB
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -56,6 +57,10 @@ class Metrics:
         self.frames_decoded = Counter(
             "captionflow_frames_decoded_total", "Frames sampled and sent to the model.",
             registry=r)
+        self.video_bytes_read = Histogram(
+            "captionflow_video_read_bytes",
+            "Bytes fetched over the network per event (object store ranges or a download); "
+            "local files are not counted.", buckets=BYTES_BUCKETS, registry=r)
         self.rebalances = Counter(
             "captionflow_rebalances_total", "Partition changes, by kind (assigned, revoked, lost).",
             ["kind"], registry=r)

@@ -85,6 +85,7 @@ class RecordPipeline:
             value, dropped = fit_caption(caption, event.id,
                                          self._s.kafka.max_request_size_bytes)
             if dropped:
+                self._metrics.outputs_reduced.inc()
                 log.warning("%s id=%s: caption event above kafka.max_request_size_bytes; "
                             "dropped %s to fit", where(record), event.id, dropped)
             self._metrics.events_captioned.inc()
@@ -127,6 +128,9 @@ class RecordPipeline:
                        result: EventCaption, attempts: int, started: float) -> CaptionEvent:
         m = self._metrics
         m.frames_decoded.inc(result.frames_sampled)
+        video_info = _video_info(result.clips)
+        if video_info.bytes_read is not None:
+            m.video_bytes_read.observe(video_info.bytes_read)
         usage = TokenUsage(prompt_tokens=result.prompt_tokens,
                            completion_tokens=result.completion_tokens)
         m.tokens.labels("prompt").inc(usage.prompt_tokens)
@@ -146,7 +150,7 @@ class RecordPipeline:
             id=event.id, video=event.video, image=event.image,
             conversation=event.conversation_with_prompt(result.prompt), caption=result.text,
             model=self._model, finish_reason=result.finish_reason, usage=usage,
-            video_info=_video_info(result.clips), windows=windows,
+            video_info=video_info, windows=windows,
             timings=StageTimings(fetch_decode_ms=round(result.fetch_decode_s * 1000, 3),
                                  queue_ms=round(queue_ms, 3),
                                  inference_ms=round(inference_ms, 3),
@@ -166,4 +170,7 @@ def _video_info(clips: list[Clip]) -> VideoInfo:
         total_frames=facts.total_frames, width=facts.width, height=facts.height,
         codec=facts.codec, rotation_deg=facts.rotation_deg,
         frames_sampled=sum(c.num_frames for c in clips), sample_fps=first.sample_fps,
-        frame_width=int(first.frames.shape[2]), frame_height=int(first.frames.shape[1]))
+        frame_width=int(first.frames.shape[2]), frame_height=int(first.frames.shape[1]),
+        # Each clip carries the event's running total (captionflow.video.source).
+        bytes_read=max((c.extra["bytes_read"] for c in clips if "bytes_read" in c.extra),
+                       default=None))

@@ -11,7 +11,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.structs import RecordMetadata
 
-from captionflow.config import KafkaSettings
+from captionflow.config import KafkaSettings, VideoSettings
 from captionflow.errors import PublishFailedError
 from captionflow.kafka import start_producer
 from captionflow.producer.sources import Candidate, IdFrom, Rejected, expand
@@ -96,8 +96,10 @@ class Publisher:
     async def publish_inputs(self, inputs: Iterable[str], *, id_from: IdFrom = "auto",
                              on_sent: Callable[[VideoEvent, RecordMetadata], None] | None = None,
                              on_rejected: Callable[[Rejected], None] | None = None,
+                             video: VideoSettings | None = None,
                              ) -> PublishReport:
-        """Expand files/folders/globs/JSON rows, validate each, send the valid ones."""
+        """Expand files/folders/globs/JSON rows/``s3://`` prefixes (listed with ``video``'s
+        store settings), validate each, send the valid ones."""
         report = PublishReport()
 
         def valid(candidates: Iterable[Candidate]) -> Iterable[VideoEvent]:
@@ -111,6 +113,6 @@ class Publisher:
                     if on_rejected is not None:
                         on_rejected(c.rejected)
 
-        report.sent = await self.send_many(valid(expand(inputs, id_from=id_from)),
+        report.sent = await self.send_many(valid(expand(inputs, id_from=id_from, video=video)),
                                            on_sent=on_sent)
         return report

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import orjson
 
+from captionflow.config import VideoSettings
 from captionflow.errors import CaptionflowError, SchemaInvalidError
 from captionflow.schemas.codec import validate
 from captionflow.schemas.events import VideoEvent
@@ -23,6 +24,10 @@ VIDEO_SUFFIXES = frozenset(
     {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts", ".mpg", ".mpeg", ".flv", ".wmv",
      ".3gp", ".ogv", ".gif"})
 URL_PREFIXES = ("http://", "https://", "file://", "s3://", "gs://")
+# Objects with these suffixes are not videos and are skipped without asking the store.
+NON_VIDEO_SUFFIXES = frozenset(
+    {".json", ".jsonl", ".txt", ".csv", ".tsv", ".md", ".parquet", ".jpg", ".jpeg", ".png",
+     ".webp", ".srt", ".vtt", ".wav", ".mp3", ".aac", ".flac", ".m4a", ".zip", ".tar", ".gz"})
 # Keys a DataFlow row may carry that map onto VideoEvent fields; others go into metadata.
 EVENT_KEYS = frozenset(VideoEvent.model_fields) - {"schema_version"}
 
@@ -112,13 +117,18 @@ class _Bad:
     reason: str
 
 
-def expand(inputs: Iterable[str], *, id_from: IdFrom = "auto") -> Iterator[Candidate]:
+def expand(inputs: Iterable[str], *, id_from: IdFrom = "auto",
+           video: VideoSettings | None = None) -> Iterator[Candidate]:
     """Yield one candidate per video or row, in input order.
 
     Local video files become absolute paths (workers resolve them against their allowed
-    roots); values inside JSON rows are sent as written.
+    roots); values inside JSON rows are sent as written. ``s3://bucket/prefix/`` (ending in
+    ``/``, or a bare bucket) lists the prefix with ``video``'s store settings.
     """
     for item in inputs:
+        if is_s3_prefix(item):
+            yield from s3_prefix_events(item, id_from=id_from, video=video or VideoSettings())
+            continue
         if item.startswith(URL_PREFIXES):
             yield event_from_path(item, id_from=id_from)
             continue
@@ -146,6 +156,42 @@ def expand(inputs: Iterable[str], *, id_from: IdFrom = "auto") -> Iterator[Candi
             yield event_from_path(str(path.resolve()), id_from=id_from)
         else:
             yield Candidate(item, rejected=Rejected(item, "no such file or directory"))
+
+
+def is_s3_prefix(item: str) -> bool:
+    if not item.lower().startswith("s3://"):
+        return False
+    _, slash, key = item[5:].partition("/")
+    return not slash or not key or key.endswith("/")
+
+
+def s3_prefix_events(url: str, *, id_from: IdFrom, video: VideoSettings) -> Iterator[Candidate]:
+    """One event per video object under ``url``: a video suffix, or (for keys with another
+    or no suffix) a ``video/*`` content type. Ids derive from the key (``--id-from auto`` is
+    ``path`` here), so publishing a prefix twice gives the same ids."""
+    from captionflow.video.s3 import content_type, list_objects
+
+    if id_from == "field":
+        yield Candidate(url, rejected=Rejected(
+            url, "--id-from field needs JSON rows with an 'id'; objects have none"))
+        return
+    bucket = url[5:].partition("/")[0]
+    found = 0
+    try:
+        for key, _size, _type in list_objects(url, video):
+            suffix = Path(key).suffix.lower()
+            if suffix not in VIDEO_SUFFIXES and (
+                    suffix in NON_VIDEO_SUFFIXES or
+                    not content_type(bucket, key, video).lower().startswith("video/")):
+                continue
+            found += 1
+            yield event_from_row({"video": [f"s3://{bucket}/{key}"]}, source=url,
+                                 id_from="uuid" if id_from == "uuid" else "path")
+    except CaptionflowError as e:
+        yield Candidate(url, rejected=Rejected(url, reject_reason(e)))
+        return
+    if not found:
+        yield Candidate(url, rejected=Rejected(url, "no video objects under this prefix"))
 
 
 def reject_reason(error: CaptionflowError) -> str:

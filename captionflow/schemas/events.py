@@ -148,6 +148,9 @@ class VideoInfo(_Model):
     sample_fps: float
     frame_width: int
     frame_height: int
+    bytes_read: int | None = Field(
+        None, description="Bytes fetched over the network for this video (object-store "
+        "ranges or a download); absent for local files.")
 
 
 class StageTimings(_Model):
