@@ -1,5 +1,6 @@
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -55,3 +56,76 @@ def test_cli_broker_prints_bootstrap_and_stops_on_sigterm() -> None:
     finally:
         proc.kill()
         proc.communicate()
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def _gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie nobody reaped yet."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux")
+def test_tansu_does_not_outlive_a_killed_cli_broker() -> None:
+    from captionflow.broker import port_free
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "captionflow", "broker", "--port", "0", "--partitions", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("bootstrap servers: 127.0.0.1:"), line
+        port = int(line.rsplit(":", 1)[1])
+        [tansu] = _children(proc.pid)
+        assert not _gone(tansu) and not port_free("127.0.0.1", port)
+        proc.kill()  # SIGKILL: no handler, no cleanup runs in the CLI
+        proc.wait(timeout=5)
+        deadline = time.monotonic() + 5
+        while not (_gone(tansu) and port_free("127.0.0.1", port)):
+            assert time.monotonic() < deadline, "tansu outlived its parent"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+def test_cli_broker_on_a_taken_port_says_so_and_offers_port_0() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        got = subprocess.run(
+            [sys.executable, "-m", "captionflow", "broker", "--port", str(port)],
+            capture_output=True, text=True, timeout=30)
+    assert got.returncode == 1
+    assert f"port {port} on 127.0.0.1 is taken" in got.stderr and "--port 0" in got.stderr
+
+
+def test_cli_broker_defaults_to_the_port_the_other_commands_use() -> None:
+    from captionflow.broker import port_free
+
+    if not port_free("127.0.0.1", 9092):
+        pytest.skip("127.0.0.1:9092 is in use by something else")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "captionflow", "broker", "--partitions", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("CAPTIONFLOW_")})
+    try:
+        line = proc.stdout.readline()
+        assert line == f"bootstrap servers: {KafkaSettings().bootstrap_servers}\n", \
+            line + proc.stderr.read()
+        ends = run_sync(end_offsets(KafkaSettings(), "captionflow.videos"))
+        assert ends == {0: 0}
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=10)
+    assert "the other commands find it with their default settings" in stderr
+    assert "ENABLE_IDEMPOTENCE" not in stderr
