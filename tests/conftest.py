@@ -14,5 +14,6 @@ pytest_plugins = [
         "tests.support.video_fixtures",
         "tests.support.model_fixtures",
         "tests.support.worker_fixtures",
+        "tests.support.s3_fixtures",
     ) if importlib.util.find_spec(name) is not None
 ]
