@@ -46,6 +46,7 @@ from captionflow.errors import (
 from captionflow.kafka import make_consumer
 from captionflow.metrics import Metrics
 from captionflow.serving.base import CaptionBackend
+from captionflow.video.s3 import probe_object_store
 from captionflow.video.source import FrameSource
 
 log = logging.getLogger(__name__)
@@ -153,8 +154,12 @@ class Worker:
                 rebalance_timeout_ms=s.worker.rebalance_timeout_ms,
                 max_poll_records=s.worker.max_poll_records)
             self._committer = Committer(consumer, self._tracker, s.worker, self.metrics)
+            probes = {Dependency.ENGINE: self._probe_engine,
+                      Dependency.BROKER: self._probe_broker,
+                      Dependency.OBJECT_STORE: partial(
+                          probe_object_store, s.video, timeout_s=s.worker.probe_timeout_s)}
             gate = self._gate = DependencyGate(
-                {Dependency.ENGINE: self._probe_engine, Dependency.BROKER: self._probe_broker},
+                probes,
                 probe_timeout_s=s.worker.probe_timeout_s,
                 backoff_initial_ms=s.worker.probe_backoff_initial_ms,
                 backoff_max_ms=s.worker.probe_backoff_max_ms, on_change=self._dependency_changed)
