@@ -110,13 +110,18 @@ def vision_geometry(model: str, mm_processor_kwargs: dict[str, Any] | None = Non
         min_pixels=override_low or low, max_pixels=override_high or high)
 
 
-def _rounded_up(pixels: float, unit: int) -> float:
-    """The most pixels a resize to ``pixels`` can give when it rounds both sides *up* to
-    multiples of ``unit`` (the upscaling branch of smart_resize), over every aspect ratio
-    the model accepts."""
-    root = math.sqrt(pixels)
+def _down_ceiling(pixels: float, unit: int) -> float:
+    """The most pixels a resize *down* to ``pixels`` can give (smart_resize rounds both sides
+    down, but never below ``unit``), over every aspect ratio the model accepts: a side that
+    would fall below ``unit`` is raised to it, so a very wide frame can exceed ``pixels``."""
+    return max(pixels, unit * math.sqrt(pixels * _MAX_ASPECT_RATIO))
+
+
+def _up_ceiling(pixels: float, unit: int) -> float:
+    """The most pixels a resize *up* to ``pixels`` can give (both sides rounded up to
+    multiples of ``unit``), over every aspect ratio the model accepts."""
     spread = math.sqrt(_MAX_ASPECT_RATIO) + 1 / math.sqrt(_MAX_ASPECT_RATIO)
-    return pixels + unit * root * spread + unit * unit
+    return pixels + unit * math.sqrt(pixels) * spread + unit * unit
 
 
 def largest_video_tokens(video: VideoSettings, geometry: VisionGeometry) -> int:
@@ -130,13 +135,13 @@ def largest_video_tokens(video: VideoSettings, geometry: VisionGeometry) -> int:
                         _FRAME_FACTOR):
         budget = max(min(video.max_pixels, video.total_pixels / frames * _FRAME_FACTOR),
                      int(video.min_pixels * 1.05))
-        # Downscaling rounds down and stays within the budget; a source smaller than
-        # min_pixels is scaled up and rounded up.
-        pixels = max(budget, _rounded_up(video.min_pixels, 28))
+        pixels = max(_down_ceiling(budget, 28), _up_ceiling(video.min_pixels, 28))
+        # The processor leaves a frame within its bounds as it is, scales a bigger one
+        # down and a smaller one up.
         if geometry.max_pixels is not None:
-            pixels = min(pixels, geometry.max_pixels)
+            pixels = min(pixels, _down_ceiling(geometry.max_pixels, unit))
         if geometry.min_pixels is not None:
-            pixels = max(pixels, _rounded_up(geometry.min_pixels, unit))
+            pixels = max(pixels, _up_ceiling(geometry.min_pixels, unit))
         steps = math.ceil(frames / geometry.temporal_patch_size)
         largest = max(largest, steps * int(pixels // (unit * unit)))
     return largest

@@ -65,7 +65,7 @@ def _corpus() -> list[str]:
     return lines
 
 
-def _build_tokenizer(out: Path):
+def _build_tokenizer(out: Path, max_positions: int = TINY_MAX_POSITION_EMBEDDINGS):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -79,15 +79,17 @@ def _build_tokenizer(out: Path):
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         unk_token=None, additional_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]),
-        model_max_length=TINY_MAX_POSITION_EMBEDDINGS)
+        model_max_length=max_positions)
     hf_tok.chat_template = QWEN2_VL_CHAT_TEMPLATE
     hf_tok.save_pretrained(out)
     return hf_tok
 
 
-def build_tiny_model(parent_dir: str | Path) -> Path:
+def build_tiny_model(parent_dir: str | Path, *,
+                     max_position_embeddings: int = TINY_MAX_POSITION_EMBEDDINGS) -> Path:
     """Write the checkpoint to ``parent_dir/qwen2.5-vl-tiny`` (reused if complete) and return
-    that folder. Needs ``transformers``, ``tokenizers`` and ``torch``; no network."""
+    that folder. Needs ``transformers``, ``tokenizers`` and ``torch``; no network.
+    ``max_position_embeddings`` is the model's own context limit."""
     out = Path(parent_dir) / TINY_MODEL_DIRNAME
     if (out / ".complete").exists():
         return out
@@ -104,12 +106,12 @@ def build_tiny_model(parent_dir: str | Path) -> Path:
     # Build beside the target and rename, so a concurrent or interrupted build never leaves
     # a half-written model where a reader would find it.
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
-    tokenizer = _build_tokenizer(tmp)
+    tokenizer = _build_tokenizer(tmp, max_position_embeddings)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     text = dict(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=TINY_MAX_POSITION_EMBEDDINGS, max_window_layers=2,
+        max_position_embeddings=max_position_embeddings, max_window_layers=2,
         rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]}, rope_theta=1_000_000.0,
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False,

@@ -45,6 +45,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir_8k(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with an 8192-token context, below the seed's max_model_len (51200)."""
+    return build_tiny_model(tmp_path_factory.mktemp("models-8k"), max_position_embeddings=8192)
+
+
+@pytest.fixture(scope="session")
 def tiny_settings(tiny_model_dir: Path, serving_work_dir: Path):
     """Greedy CPU-engine settings for the tiny model (short outputs keep tests fast)."""
     return tiny_cpu_settings(tiny_model_dir, temperature=0.0, max_tokens=12,
