@@ -233,3 +233,35 @@ async def test_store_down_is_a_dependency_error_and_the_probe_sees_it(
         assert await probe_object_store(settings, timeout_s=3.0)
     finally:
         server.stop()
+
+
+# --- range reads on a long video ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sparse_sampling_reads_a_fraction_of_a_long_object(
+        s3_server: MotoServer, s3_bucket: str, long_1080p_clip: Path) -> None:
+    """0.1 fps of a 120 s 1080p object, decoded from ranged GETs: the same frames as the
+    local decode, for a fraction of the object's bytes (LONG_CLIP's parameters matter: the
+    share is the packets from each sampled frame's keyframe to it, docs/storage.md)."""
+    size = long_1080p_clip.stat().st_size
+    url = upload(s3_server, s3_bucket, "long/clip.mp4", long_1080p_clip)
+    settings = ranged(s3_server, fps=0.1, max_pixels=448 * 252)
+    [clip] = load_clips(url, settings)
+    [expected] = load_clips(str(long_1080p_clip), local_settings(long_1080p_clip, fps=0.1,
+                                                            max_pixels=448 * 252))
+    assert clip.num_frames == 12 and clip.frame_indices == expected.frame_indices
+    assert np.array_equal(clip.frames, expected.frames)
+    share = clip.extra["bytes_read"] / size
+    print(f"0.1 fps of {size} bytes: read {clip.extra['bytes_read']} ({share:.1%}), "
+          f"{clip.extra['seeks']} seeks")
+    assert share < 0.40
+    # A 10 s window (frames 1440-1680) reads from the keyframe before it (frame 1250): 15%
+    # of the packets, plus the index and the read-ahead's last request.
+    [window] = load_clips(url, settings, {"start_s": 60.0, "end_s": 70.0, "fps": 1.0})
+    [window_local] = load_clips(str(long_1080p_clip), local_settings(
+        long_1080p_clip, max_pixels=448 * 252), {"start_s": 60.0, "end_s": 70.0, "fps": 1.0})
+    assert np.array_equal(window.frames, window_local.frames)
+    window_share = window.extra["bytes_read"] / size
+    print(f"10 s window: read {window.extra['bytes_read']} ({window_share:.1%})")
+    assert window_share < 0.25

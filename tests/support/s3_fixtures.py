@@ -139,3 +139,45 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory, s3_env: None) -> Iterato
 def s3_bucket(s3_server: MotoServer) -> str:
     """A fresh bucket on the session server."""
     return s3_server.new_bucket()
+
+
+# A long 1080p clip for the range-read measurements: x264's default keyframe interval (250)
+# at the film rate, 2 Mbit/s, a noise patch moving across a static background so that
+# P-frames carry most of the bytes, as in camera footage (keyframes ~1% of the file).
+LONG_CLIP = {"seconds": 120, "width": 1920, "height": 1080, "fps": 24, "gop": 250,
+             "bit_rate": 2_000_000}
+
+
+def make_long_clip(path: Path, *, seconds: int, width: int, height: int, fps: int, gop: int,
+                   bit_rate: int) -> Path:
+    import av
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:height, 0:width]
+    background = ((xx // 8 + yy // 8) % 64 * 2 + 60).astype(np.uint8)
+    chroma = np.full((height // 2, width), 128, np.uint8)
+    tmp = path.with_suffix(".tmp.mp4")
+    with av.open(str(tmp), "w") as container:
+        stream = container.add_stream("libx264", rate=fps, options={
+            "preset": "ultrafast", "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0"})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.gop_size = gop
+        stream.codec_context.bit_rate = bit_rate
+        for i in range(seconds * fps):
+            luma = background.copy()
+            x = (i * 8) % (width - 256)
+            luma[400:528, x:x + 256] = rng.integers(0, 255, (128, 256), dtype=np.uint8)
+            frame = av.VideoFrame.from_ndarray(np.vstack([luma, chroma]), format="yuv420p")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    tmp.rename(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def long_1080p_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """LONG_CLIP, encoded once per session (~30 s)."""
+    return make_long_clip(tmp_path_factory.mktemp("long-clip") / "long_1080p.mp4", **LONG_CLIP)
