@@ -1,10 +1,13 @@
 """Decoder child processes: a crash, a memory blow-up or a hang in FFmpeg costs one event.
 
 ``DecodePool`` keeps at most ``video.decode_workers`` child processes and gives each one
-task at a time (a probe, or the decode of one clip's frames). Children are started from a
-``forkserver`` that has already imported PyAV and numpy: the worker process holds a vLLM
-engine, its threads and CUDA state, which ``fork`` would copy in a half-locked state, and
-``spawn`` would pay the imports (~0.5 s) for every replacement. Each child sets
+task at a time (a probe, or the decode of one clip's frames). Each child is a fresh
+interpreter (``python -m captionflow.video.decoder_process``, started with ``subprocess``), talking
+over a socketpair: the worker process holds a vLLM engine, its threads and CUDA state,
+which ``fork`` would copy in a half-locked state; multiprocessing's ``spawn`` and
+``forkserver`` re-import the parent's ``__main__`` in every child (a script without a
+main guard would start itself again). A child costs one interpreter start (~0.5 s, paid
+once per child, not per task). Each child sets
 ``RLIMIT_AS`` to ``video.decode_memory_limit_bytes`` before it takes work, so a video that
 needs more memory fails with ``decode_out_of_memory`` instead of waking the OOM killer.
 
@@ -13,7 +16,7 @@ Frames come back through shared memory: the child decodes straight into a ``memf
 descriptor over the pipe (``SCM_RIGHTS``); the parent maps it and wraps it in a numpy
 array without copying. The memory is freed when that array is.
 
-A child that dies (signal, ``os._exit``), runs past ``video.decode_timeout_s``, or whose
+A child that dies (signal, ``os._exit``: its end of the socket closes), runs past ``video.decode_timeout_s``, or whose
 task is cancelled (a sibling window failed, shutdown) is killed and dropped; its task fails
 with ``decode_crashed`` / ``decode_timeout`` / the cancellation, and the next task starts a
 fresh child. ``close`` kills every child at once: it never waits on a stuck decode.
@@ -28,16 +31,16 @@ import asyncio
 import logging
 import math
 import mmap
-import multiprocessing
 import os
 import resource
 import signal
+import socket
+import subprocess
+import sys
 import traceback
 from dataclasses import asdict
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,19 +58,20 @@ from captionflow.errors import (
 from captionflow.video.decode import DecodeStats, decode_frames, probe
 
 log = logging.getLogger(__name__)
+# An interpreter start and the PyAV/numpy imports; minutes only on a machine in trouble.
+_START_TIMEOUT_S = 120.0
 
-_CONTEXT = "forkserver"
-_PRELOAD = ["captionflow.video.pool"]
 
 
 # --- inside the child ---------------------------------------------------------------------
 
 
-def _child_main(conn: Connection, memory_limit_bytes: int) -> None:
+def child_main(conn: Connection, memory_limit_bytes: int) -> None:
     # Ctrl-C reaches the whole process group; the parent decides when children stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if memory_limit_bytes:
         resource.setrlimit(resource.RLIMIT_AS, (memory_limit_bytes, memory_limit_bytes))
+    conn.send(("ready", os.getpid()))  # imports done: task deadlines start counting now
     while True:
         try:
             task, kwargs = conn.recv()
@@ -81,14 +85,35 @@ def _child_main(conn: Connection, memory_limit_bytes: int) -> None:
                 _decode_to_memfd(conn, **kwargs)
             else:
                 raise InternalError(f"unknown decoder task {task!r}")
-        except CaptionflowError as e:
-            conn.send(("error", type(e).__name__, str(e.code), e.message, e.retriable))
         except MemoryError:
-            conn.send(("error", "DecodeOutOfMemoryError", str(ErrorCode.DECODE_OUT_OF_MEMORY),
-                       "the decoder ran out of memory (video.decode_memory_limit_bytes="
-                       f"{memory_limit_bytes}); send a smaller video or raise the limit", False))
+            conn.send(_out_of_memory(memory_limit_bytes))
         except Exception as e:
-            conn.send(("bug", f"{e!r}\n{traceback.format_exc(limit=8)}"))
+            # FFmpeg reports a failed allocation in many ways (EAGAIN from the scaler, a
+            # frame it "cannot decode"); a failure while the address space touched the
+            # limit is the limit's doing.
+            if _touched_limit(memory_limit_bytes):
+                conn.send(_out_of_memory(memory_limit_bytes))
+            elif isinstance(e, CaptionflowError):
+                conn.send(("error", type(e).__name__, str(e.code), e.message, e.retriable))
+            else:
+                conn.send(("bug", f"{e!r}\n{traceback.format_exc(limit=8)}"))
+
+
+def _out_of_memory(limit: int) -> tuple[Any, ...]:
+    return ("error", "DecodeOutOfMemoryError", str(ErrorCode.DECODE_OUT_OF_MEMORY),
+            f"the decoder ran out of memory (video.decode_memory_limit_bytes={limit}); send a "
+            "smaller video or raise the limit", False)
+
+
+def _touched_limit(limit: int) -> bool:
+    """Whether this process's peak address space came within 64 MiB of ``limit``."""
+    if not limit:
+        return False
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmPeak:"):
+                return int(line.split()[1]) * 1024 >= limit - (64 << 20)
+    return False
 
 
 def _decode_to_memfd(conn: Connection, **kwargs: Any) -> None:
@@ -121,10 +146,11 @@ def _peak_rss_bytes() -> int:
 
 
 class _Child:
-    def __init__(self, process: BaseProcess, conn: Connection) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], conn: Connection) -> None:
         self.process = process
         self.conn = conn
         self.tasks = 0
+        self.task = ""  # what it is doing now
         # Set once a task's answer came back whole: only then may the child take more work.
         self.reusable = False
         self._reaped = False
@@ -135,7 +161,7 @@ class _Child:
         return self.process.pid
 
     def kill(self) -> None:
-        if self.process.exitcode is None:
+        if self.process.poll() is None:
             self.process.kill()
 
     def reap(self) -> None:
@@ -144,17 +170,16 @@ class _Child:
             return
         self._reaped = True
         self.conn.close()
-        self.process.join(timeout=5)
-        if self.process.exitcode is not None:
-            self.process.close()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            log.warning("decoder process %d did not exit 5 s after SIGKILL", self.pid)
 
 
 class DecodePool:
     """At most ``workers`` decoder processes; ``await probe(...)`` / ``await decode(...)``."""
 
     def __init__(self, *, workers: int, memory_limit_bytes: int, timeout_s: float) -> None:
-        self._ctx = multiprocessing.get_context(_CONTEXT)
-        self._ctx.set_forkserver_preload(_PRELOAD)
         self._limit = memory_limit_bytes
         self._timeout_s = timeout_s
         self._slots = asyncio.Semaphore(workers)
@@ -165,8 +190,12 @@ class DecodePool:
         # Peak RSS (bytes) each child reported with its last answer, by pid.
         self.peak_rss_bytes: dict[int, int] = {}
 
-    def busy_pids(self) -> list[int]:
-        return [c.pid for c in self._busy]
+    def busy_pids(self, task: str | None = None) -> list[int]:
+        """Pids of the children working now (on ``task``: "probe" or "decode")."""
+        return [c.pid for c in self._busy if task is None or c.task == task]
+
+    def pids(self) -> list[int]:
+        return [c.pid for c in (*self._idle, *self._busy)]
 
     async def probe(self, **kwargs: Any) -> Any:
         return await self._run("probe", kwargs)
@@ -193,17 +222,30 @@ class DecodePool:
                     await asyncio.to_thread(child.reap)
 
     async def _start(self) -> _Child:
-        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        process = self._ctx.Process(target=_child_main, args=(child_conn, self._limit),
-                                    name="captionflow-decode", daemon=True)
-        await asyncio.to_thread(process.start)
-        child_conn.close()
+        ours, theirs = socket.socketpair()
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "captionflow.video.decoder_process", str(theirs.fileno()),
+                 str(self._limit)],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+        finally:
+            theirs.close()
         self.started += 1
-        return _Child(process, parent_conn)
+        child = _Child(process, Connection(ours.detach()))
+        try:
+            await self._readable(child, _START_TIMEOUT_S)
+            if child.conn.recv()[0] != "ready":
+                raise EOFError
+        except (TimeoutError, EOFError, OSError) as e:
+            child.kill()
+            await asyncio.to_thread(child.reap)
+            raise InternalError(f"a decoder process did not start ({e!r}); see its stderr "
+                                "above") from e
+        return child
 
-    async def _call(self, child: _Child, task: str, kwargs: dict[str, Any]) -> Any:
-        child.tasks += 1
-        name = getattr(kwargs.get("path"), "name", "?")
+    @staticmethod
+    async def _readable(child: _Child, timeout_s: float) -> None:
+        """Until the child answers, or dies (its end of the socket closes), or timeout."""
         loop = asyncio.get_running_loop()
         woke = loop.create_future()
 
@@ -211,21 +253,26 @@ class DecodePool:
             if not woke.done():
                 woke.set_result(None)
 
+        loop.add_reader(child.conn.fileno(), wake)
+        try:
+            await asyncio.wait_for(woke, timeout_s)
+        finally:
+            loop.remove_reader(child.conn.fileno())
+
+    async def _call(self, child: _Child, task: str, kwargs: dict[str, Any]) -> Any:
+        child.tasks += 1
+        child.task = task
+        name = getattr(kwargs.get("path"), "name", "?")
         try:
             child.conn.send((task, kwargs))
         except OSError:
             raise self._crashed(child, name, task) from None
-        loop.add_reader(child.conn.fileno(), wake)
-        loop.add_reader(child.process.sentinel, wake)
         try:
-            await asyncio.wait_for(woke, self._timeout_s)
+            await self._readable(child, self._timeout_s)
         except TimeoutError:
             raise DecodeTimeoutError(
                 f"{task} of {name} ran over video.decode_timeout_s={self._timeout_s:g}; "
                 "its decoder process was killed") from None
-        finally:
-            loop.remove_reader(child.conn.fileno())
-            loop.remove_reader(child.process.sentinel)
         try:
             if not child.conn.poll(0):
                 raise EOFError
@@ -233,6 +280,8 @@ class DecodePool:
             if reply[0] == "frames":
                 fd = reduction.recv_handle(child.conn)
         except (EOFError, OSError):
+            if self._closed:
+                raise asyncio.CancelledError("the decoder pool was closed (shutdown)") from None
             raise self._crashed(child, name, task) from None
         kind = reply[0]
         child.reusable = True
@@ -258,8 +307,10 @@ class DecodePool:
                          code=ErrorCode.INTERNAL)
 
     def _crashed(self, child: _Child, name: str, task: str) -> DecodeCrashedError:
-        child.process.join(timeout=1)
-        code = child.process.exitcode
+        try:
+            code = child.process.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            code = None
         if code is not None and code < 0:
             how = f"killed by {signal.Signals(-code).name}"
         else:
@@ -274,16 +325,16 @@ class DecodePool:
             "not captioned and the decoder was replaced")
 
     async def close(self) -> None:
-        """Kill every child now, busy or idle; running tasks fail (they are being cancelled
-        by their owners on shutdown anyway)."""
+        """Kill every child now, busy or idle. A task running in one ends with
+        ``CancelledError``: its work was abandoned, not failed, so no event is blamed."""
         if self._closed:
             return
         self._closed = True
-        children = [*self._idle, *self._busy]
-        self._idle.clear()
-        for child in children:
+        for child in self._busy:
+            child.kill()  # its task sees the socket close, then reaps it
+        idle, self._idle = self._idle, []
+        for child in idle:
             child.kill()
-        for child in children:
             await asyncio.to_thread(child.reap)
 
 
