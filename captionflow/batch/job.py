@@ -19,8 +19,11 @@ log = logging.getLogger(__name__)
 
 def batch_video_settings(settings: Settings) -> Settings:
     """Batch rows name the user's own files, wherever they are, as DataFlow opens them: the
-    OS user's permissions are the boundary, and ``video.allowed_roots`` applies when set."""
-    video = settings.video.model_copy(update={"any_local_path": True})
+    OS user's permissions are the boundary, and ``video.allowed_roots`` applies when set.
+    Likewise ``s3://`` objects are read with the user's own AWS credentials."""
+    schemes = tuple(dict.fromkeys((*settings.video.allowed_schemes, "s3")))
+    video = settings.video.model_copy(update={"any_local_path": True,
+                                              "allowed_schemes": schemes})
     return settings.model_copy(update={"video": video})
 
 
