@@ -62,7 +62,6 @@ log = logging.getLogger(__name__)
 _START_TIMEOUT_S = 120.0
 
 
-
 # --- inside the child ---------------------------------------------------------------------
 
 
@@ -134,7 +133,10 @@ def _decode_to_memfd(conn: Connection, **kwargs: Any) -> None:
         reduction.send_handle(conn, fd, os.getppid())
     finally:
         for mm in holder:
-            mm.close()
+            try:
+                mm.close()
+            except BufferError:
+                pass  # an error's traceback still holds the array; the mapping goes with it
         os.close(fd)
 
 
@@ -241,6 +243,12 @@ class DecodePool:
             await asyncio.to_thread(child.reap)
             raise InternalError(f"a decoder process did not start ({e!r}); see its stderr "
                                 "above") from e
+        except BaseException:
+            # Cancelled during the handshake (the run or the worker is stopping): the child
+            # must not outlive it. SIGKILL makes the wait short, so it is done in place.
+            child.kill()
+            child.reap()
+            raise
         return child
 
     @staticmethod
