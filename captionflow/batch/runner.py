@@ -78,9 +78,11 @@ class _LazyBackend:
     """Starts the backend once, on the first request, while other rows keep decoding. A
     failed start is tried once only: ``start_error`` then ends the run."""
 
-    def __init__(self, backend: CaptionBackend, report: BatchReport) -> None:
+    def __init__(self, backend: CaptionBackend, report: BatchReport, *,
+                 request_timeout_s: float) -> None:
         self._backend = backend
         self._report = report
+        self._timeout_s = request_timeout_s
         self._lock = asyncio.Lock()
         self.started = False
         self.start_error: CaptionflowError | None = None
@@ -102,7 +104,7 @@ class _LazyBackend:
                             f"{type(e).__name__}: {e}")
                         raise self.start_error from e
                     self.started = self._report.engine_started = True
-        return await self._backend.caption(request)
+        return await self._backend.caption_tracked(request, timeout_s=self._timeout_s)
 
 
 async def caption_rows(rows: list[Any], *, settings: Settings, backend: CaptionBackend,
@@ -126,7 +128,8 @@ async def caption_rows(rows: list[Any], *, settings: Settings, backend: CaptionB
         if on_row:
             on_row(i, SKIPPED)
     todo = iter([i for i in range(len(rows)) if i not in done])
-    lazy = _LazyBackend(backend, report)
+    lazy = _LazyBackend(backend, report,
+                        request_timeout_s=settings.serving.request_timeout_s)
     last_write = time.monotonic()
 
     def finish(i: int, outcome: str) -> None:
