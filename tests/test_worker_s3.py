@@ -106,3 +106,49 @@ async def test_batch_rows_with_s3_references(tmp_path: Path, vllm_backend: Capti
         assert row["caption"] == expected[str(local)]
     assert [r["error"]["code"] for r in out[2:]] == [ErrorCode.VIDEO_NOT_FOUND,
                                                       ErrorCode.VIDEO_FORBIDDEN]
+
+
+async def test_store_stopped_writes_no_dead_letters_and_resumes(
+        kafka, topics, group_id, vllm_backend: CaptionBackend, tiny_settings,
+        caption_videos: list[Path], tmp_path: Path, s3_env: None) -> None:
+    """The store is down when the events arrive: the worker waits (no dead letter), and
+    captions every event once the store answers again."""
+    server = MotoServer(tmp_path / "moto.log").start()
+    try:
+        settings = worker_settings(
+            kafka, topics, group_id, tiny_settings, (caption_videos[0].parent,),
+            **s3_overrides(server), **{"video.s3_max_attempts": 1,
+                                       "video.fetch_connect_timeout_s": 1.0,
+                                       "worker.probe_timeout_s": 2.0,
+                                       "worker.probe_backoff_max_ms": 1000})
+        videos = caption_videos[5:8]
+        urls, _, _ = stock_bucket(server, videos)
+        expected = await reference_captions(vllm_backend, settings, videos)
+        server.stop()
+        async with Publisher(kafka, topic=topics.input) as pub:
+            report = await pub.publish_inputs(list(urls), id_from="path")
+        assert len(report.sent) == 3
+        async with running_worker(settings, vllm_backend) as (worker, _):
+            # Long enough for every event to have failed its fetch several times over.
+            assert await read_topic(kafka, topics.dead_letter, expected=0, settle_s=6) == []
+            assert await read_topic(kafka, topics.output, expected=0, settle_s=0.1) == []
+            # Back, empty (moto keeps nothing): the same objects again, at the same endpoint.
+            server.start()
+            for url, video in urls.items():
+                bucket, key = url[5:].split("/", 1)
+                client = server.client()
+                if not client.list_buckets()["Buckets"]:
+                    client.create_bucket(Bucket=bucket)
+                client.upload_file(str(video), bucket, key)
+            records = await read_topic(kafka, topics.output, expected=3, timeout_s=120)
+            outages = {s.labels.get("dependency"): s.value
+                       for s in worker.metrics.registry.collect()
+                       for s in s.samples if s.name == "captionflow_dependency_outages_total"}
+        captions = [decode_caption_event(r.value) for r in records]
+        assert sorted(c.video[0] for c in captions) == sorted(urls)
+        for c in captions:
+            assert c.caption == expected[str(urls[c.video[0]])]
+        assert await read_topic(kafka, topics.dead_letter, expected=0, settle_s=0.5) == []
+        assert outages.get("object_store", 0) >= 1
+    finally:
+        server.stop()
