@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +202,76 @@ def test_object_replaced_mid_read_fails_the_read(s3_server: MotoServer, s3_bucke
     with pytest.raises(CaptionflowError) as info:
         video.fetch(0, 100)
     assert info.value.code == ErrorCode.FETCH_FAILED and info.value.retriable
+
+
+class FailingStore:
+    """A loopback HTTP server answering every S3 request with one error, as a failing or
+    refusing store does: HEAD with the bare status, GET with S3's XML error body."""
+
+    def __init__(self, status: int, code: str) -> None:
+        self.requests: list[str] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self, body: bool) -> None:
+                outer.requests.append(self.command)
+                payload = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
+                           f"<Message>{code} from the test store</Message></Error>").encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(payload) if body else 0))
+                self.end_headers()
+                if body:
+                    self.wfile.write(payload)
+
+            def do_HEAD(self) -> None:
+                self._answer(body=False)
+
+            def do_GET(self) -> None:
+                self._answer(body=True)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,),
+                                       daemon=True)
+        self.thread.start()
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize(("status", "code", "expected"), [
+    (503, "SlowDown", ErrorCode.STORE_UNAVAILABLE),
+    (500, "InternalError", ErrorCode.STORE_UNAVAILABLE),
+    (403, "InvalidAccessKeyId", ErrorCode.STORE_UNAVAILABLE),
+    (403, "SignatureDoesNotMatch", ErrorCode.STORE_UNAVAILABLE),
+    (403, "AccessDenied", ErrorCode.VIDEO_FORBIDDEN),
+    (404, "NoSuchKey", ErrorCode.VIDEO_NOT_FOUND),
+])
+def test_store_answers_map_to_codes(s3_env: None, status: int, code: str,
+                                    expected: ErrorCode) -> None:
+    store = FailingStore(status, code)
+    try:
+        settings = VideoSettings(allowed_schemes=("s3",), s3_endpoint_url=store.endpoint_url,
+                                 s3_addressing_style="path", s3_max_attempts=2)
+        with pytest.raises(CaptionflowError) as info:
+            fetch("s3://bucket/key.mp4", settings)
+        assert info.value.code == expected, info.value
+        outage = expected == ErrorCode.STORE_UNAVAILABLE
+        assert info.value.kind == (ErrorKind.DEPENDENCY if outage else ErrorKind.EVENT)
+        if status >= 500:  # throttling and failures were retried before giving up
+            assert store.requests == ["HEAD", "HEAD"]
+        if status == 403:  # a bare 403 on HEAD is explained by a one-byte GET
+            assert store.requests[-1] == "GET"
+    finally:
+        store.close()
 
 
 # --- the store down -------------------------------------------------------------------------

@@ -178,7 +178,7 @@ def s3_prefix_events(url: str, *, id_from: IdFrom, video: VideoSettings) -> Iter
     bucket = url[5:].partition("/")[0]
     found = 0
     try:
-        for key, _size, _type in list_objects(url, video):
+        for key, _size in list_objects(url, video):
             suffix = Path(key).suffix.lower()
             if suffix not in VIDEO_SUFFIXES and (
                     suffix in NON_VIDEO_SUFFIXES or

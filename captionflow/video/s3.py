@@ -118,7 +118,8 @@ def _new_client(config: S3Config) -> Any:
             "s3", endpoint_url=config.endpoint_url,
             config=Config(connect_timeout=config.connect_timeout_s,
                           read_timeout=config.read_timeout_s,
-                          retries={"mode": "standard", "max_attempts": config.max_attempts},
+                          retries={"mode": "standard",
+                                   "total_max_attempts": config.max_attempts},
                           s3={"addressing_style": config.addressing_style},
                           user_agent_extra="captionflow"))
     except BotoCoreError as e:
@@ -269,7 +270,10 @@ def fetch_s3(reference: str, settings: VideoSettings, download_dir: Path) -> Loc
     try:
         head = client_for(config).head_object(Bucket=bucket, Key=key)
     except Exception as e:
-        raise store_error(e, f"looking up {url}") from e
+        error = store_error(e, f"looking up {url}")
+        if isinstance(error, VideoForbiddenError):
+            error = _forbidden_why(config, bucket, key, url) or error
+        raise error from e
     size = int(head.get("ContentLength") or 0)
     if size > settings.max_video_bytes:
         raise VideoTooLargeError(
@@ -283,6 +287,16 @@ def fetch_s3(reference: str, settings: VideoSettings, download_dir: Path) -> Loc
                   min_fetch_bytes=settings.s3_min_read_bytes,
                   max_fetch_bytes=settings.s3_max_read_bytes,
                   cache_bytes=settings.s3_cache_bytes)
+
+
+def _forbidden_why(config: S3Config, bucket: str, key: str, url: str) -> CaptionflowError | None:
+    """A HEAD refusal has no body, so "access denied to this object" and "the worker's
+    credentials are refused" look alike; a one-byte GET returns the store's error code."""
+    try:
+        client_for(config).get_object(Bucket=bucket, Key=key, Range="bytes=0-0")
+    except Exception as e:
+        return store_error(e, f"reading {url}")
+    return None
 
 
 def _download(url: str, bucket: str, key: str, etag: str | None, config: S3Config,
@@ -321,10 +335,10 @@ def _download(url: str, bucket: str, key: str, etag: str | None, config: S3Confi
     return LocalVideo(path=path, size_bytes=size, temporary=True, bytes_read=size)
 
 
-def list_objects(url: str, settings: VideoSettings) -> Iterator[tuple[str, int, str | None]]:
-    """(key, size, content type or None) of every object under ``s3://bucket/prefix``,
-    in key order. Listing needs s3:ListBucket; content types are not listed, so callers
-    that need one ask :func:`content_type` for the keys they cannot judge by name."""
+def list_objects(url: str, settings: VideoSettings) -> Iterator[tuple[str, int]]:
+    """(key, size) of every object under ``s3://bucket/prefix``, in key order, folder
+    markers left out. Listing needs s3:ListBucket; listings carry no content type, so
+    callers ask :func:`content_type` for the keys they cannot judge by name."""
     bucket, _, prefix = url[5:].partition("/") if url.lower().startswith("s3://") else ("", "", "")
     if not bucket:
         raise InvalidRequestError(f"{url!r} is not an s3://BUCKET/PREFIX URL")
@@ -334,7 +348,7 @@ def list_objects(url: str, settings: VideoSettings) -> Iterator[tuple[str, int, 
                 Bucket=bucket, Prefix=prefix):
             for item in page.get("Contents", []):
                 if not item["Key"].endswith("/"):
-                    yield item["Key"], int(item.get("Size") or 0), None
+                    yield item["Key"], int(item.get("Size") or 0)
     except Exception as e:
         raise store_error(e, f"listing {url}") from e
 
@@ -358,10 +372,11 @@ def _answers(settings: VideoSettings, timeout_s: float) -> bool:
     try:
         client_for(config).list_buckets()
     except ClientError as e:
-        # Any answer that is not throttling or a server failure means the store is up;
-        # a refusal (no s3:ListAllMyBuckets) is still an answer.
-        return not isinstance(store_error(e, "probe"), ObjectStoreUnavailableError) or \
-            str(e.response.get("Error", {}).get("Code", "")) in _CREDENTIALS
+        # Any answer but throttling or a server failure means the store is up: a refusal
+        # (no s3:ListAllMyBuckets, even of the credentials) is still an answer.
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        return not (code in _THROTTLED or status >= 500 or status == 429)
     except Exception:
         return False
     return True
