@@ -11,6 +11,7 @@ import io
 import json
 import pickle
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -208,13 +209,14 @@ class FailingStore:
     """A loopback HTTP server answering every S3 request with one error, as a failing or
     refusing store does: HEAD with the bare status, GET with S3's XML error body."""
 
-    def __init__(self, status: int, code: str) -> None:
+    def __init__(self, status: int, code: str, *, stall_s: float = 0.0) -> None:
         self.requests: list[str] = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def _answer(self, body: bool) -> None:
                 outer.requests.append(self.command)
+                time.sleep(stall_s)
                 payload = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
                            f"<Message>{code} from the test store</Message></Error>").encode()
                 self.send_response(status)
@@ -234,6 +236,7 @@ class FailingStore:
                 pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True  # a stalled answer is not waited for at close
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,),
                                        daemon=True)
         self.thread.start()
@@ -272,6 +275,35 @@ def test_store_answers_map_to_codes(s3_env: None, status: int, code: str,
             assert store.requests[-1] == "GET"
     finally:
         store.close()
+
+
+def test_a_store_that_does_not_answer_in_time_is_unavailable(s3_env: None) -> None:
+    store = FailingStore(500, "InternalError", stall_s=3.0)
+    try:
+        settings = VideoSettings(allowed_schemes=("s3",), s3_endpoint_url=store.endpoint_url,
+                                 s3_addressing_style="path", s3_max_attempts=1,
+                                 fetch_read_timeout_s=0.5)
+        started = time.monotonic()
+        with pytest.raises(ObjectStoreUnavailableError):
+            fetch("s3://bucket/key.mp4", settings)
+        assert time.monotonic() - started < 2.5
+    finally:
+        store.close()
+
+
+def test_ranged_reads_keep_the_total_deadline(s3_server: MotoServer, s3_bucket: str,
+                                              video_corpus: dict[str, CorpusFile]) -> None:
+    url = upload(s3_server, s3_bucket, "deadline.mp4", video_corpus[CLIP].path)
+    video = fetch(url, ranged(s3_server, fetch_total_timeout_s=1e-6, s3_min_read_bytes=1024))
+    assert isinstance(video, S3File)
+    with pytest.raises(CaptionflowError) as info:
+        load_clips_of(video)
+    assert info.value.code == ErrorCode.FETCH_TIMEOUT and info.value.retriable
+
+
+def load_clips_of(video: S3File) -> None:
+    index = probe(video, max_duration_s=3600)
+    decode_frames(video, index, list(range(index.facts.total_frames)), height=28, width=28)
 
 
 # --- the store down -------------------------------------------------------------------------
