@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from captionflow import cli_examples
 from captionflow.config import KafkaSettings, Settings
 from captionflow.errors import CaptionflowError, ConfigError
 from captionflow.logs import setup_logging
@@ -380,6 +381,10 @@ def schema(name: Annotated[str, typer.Argument(help="video | caption | dead-lett
     if name not in jsonschema.SCHEMAS:
         raise typer.BadParameter(f"choose one of {', '.join(jsonschema.SCHEMAS)}")
     sys.stdout.buffer.write(jsonschema.shipped(name))
+
+
+app.command()(cli_examples.samples)
+app.command("tiny-model")(cli_examples.tiny_model)
 
 
 def main() -> None:
