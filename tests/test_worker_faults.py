@@ -54,9 +54,10 @@ async def test_oversized_records_each_end_as_one_output_and_the_worker_lives(
                                (caption_videos[0].parent,))
     video = str(caption_videos[0])
     # Just under the input limit, so it is captioned; its echo does not fit the output's.
-    big_metadata = orjson.dumps({"id": "meta", "video": [video],
-                                 "metadata": {"blob": "m" * 1_046_000}})
-    assert len(big_metadata) < settings.kafka.max_event_bytes
+    envelope = len(orjson.dumps({"id": "meta", "video": [video], "metadata": {"blob": ""}}))
+    big_metadata = orjson.dumps({"id": "meta", "video": [video], "metadata": {
+        "blob": "m" * (settings.kafka.max_event_bytes - envelope - 16)}})
+    assert 1_000_000 < len(big_metadata) < settings.kafka.max_event_bytes
     records = [(b"garbage", b"\xff\xfe" * 450_000),            # 900 KB, not JSON
                (b"huge", b'{"id": "huge", "pad": "' + b"h" * 2_097_152 + b'"}'),  # 2 MiB
                (b"meta", big_metadata),
@@ -123,9 +124,15 @@ async def test_hung_engine_turns_the_worker_not_ready_and_it_recovers_after_sigc
         with _stopped(core):
             async with Publisher(kafka, topic=topics.input) as pub:
                 report = await pub.publish_inputs([str(v) for v in caption_videos[:4]])
-            stopped_at = time.monotonic()
+            # The stall clock starts when a request reaches the engine (after fetch+decode).
+            await wait_until(lambda: vllm_backend.progress.in_flight > 0, timeout_s=60)
+            stalled_at = time.monotonic()
             while await _readyz(worker) != 503:
-                assert time.monotonic() - stopped_at < 3.0 + 5.0, "not unready after the stall"
+                progress = vllm_backend.progress
+                assert time.monotonic() - stalled_at < 3.0 + 4.0, (
+                    f"not unready after the stall: in_flight={progress.in_flight} "
+                    f"stalled_for={progress.stalled_for_s():.1f} s "
+                    f"reason={worker.health.reason!r}")
                 await asyncio.sleep(0.2)
             assert "engine" in worker.health.reason
             await asyncio.sleep(5)
