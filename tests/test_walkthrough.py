@@ -74,6 +74,8 @@ class Terminal:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
         self._reader.join(timeout=10)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
         self._log.close()
 
 
