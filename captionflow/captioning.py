@@ -11,7 +11,6 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -24,6 +23,22 @@ from captionflow.errors import (
     EventError,
     FatalError,
     InvalidRequestError,
+)
+from captionflow.caption_result import (
+    Caption,
+    EventCaption,
+    joined,
+    summary_prompt,
+    window_end_s,
+)
+from captionflow.quality import (
+    REGENERATE,
+    CaptionStatus,
+    better,
+    canonical_json,
+    caption_status,
+    parse_json,
+    regeneration_sampling,
 )
 from captionflow.schemas.events import VideoEvent
 from captionflow.serving.base import CaptionRequest, CaptionResult
@@ -91,33 +106,6 @@ class Attempts:
         await asyncio.sleep(backoff_ms / 1000)
 
 
-@dataclass(frozen=True, slots=True)
-class EventCaption:
-    text: str
-    prompt: str
-    finish_reason: str
-    clips: list[Clip]
-    results: list[CaptionResult]
-    fetch_decode_s: float
-    caption_s: float
-
-    @property
-    def prompt_tokens(self) -> int:
-        return sum(r.prompt_tokens for r in self.results)
-
-    @property
-    def completion_tokens(self) -> int:
-        return sum(r.completion_tokens for r in self.results)
-
-    @property
-    def frames_sampled(self) -> int:
-        return sum(c.num_frames for c in self.clips)
-
-    @property
-    def windowed(self) -> bool:
-        return len(self.clips) > 1 or self.clips[0].window_index is not None
-
-
 _images_off_logged = False
 
 
@@ -158,8 +146,79 @@ async def event_images(event: VideoEvent, settings: Settings,
     return await attempts.run(load)
 
 
-def window_end_s(clip: Clip) -> float:
-    return clip.end_s if clip.end_s is not None else clip.facts.duration_s
+def event_prompts(event: VideoEvent, settings: Settings) -> tuple[dict[str, str], bool]:
+    """The event's prompts by name, and whether they were named (``options.prompts``); a
+    single prompt is named ``caption``."""
+    options = event.options
+    if options is not None and options.prompts:
+        return dict(options.prompts), True
+    return {"caption": event.prompt(settings.serving.default_prompt)}, False
+
+
+def event_schema(event: VideoEvent, settings: Settings) -> dict[str, Any] | None:
+    options = event.options
+    if options is None:
+        return None
+    if options.json_schema_name is not None:
+        schema = settings.serving.json_schemas.get(options.json_schema_name)
+        if schema is None:
+            raise InvalidRequestError(
+                f"options.json_schema_name {options.json_schema_name!r} is not one of the "
+                f"worker's serving.json_schemas {sorted(settings.serving.json_schemas)}")
+    else:
+        schema = options.json_schema
+    if schema is not None:
+        import jsonschema
+
+        try:
+            jsonschema.validators.validator_for(schema).check_schema(schema)
+        except jsonschema.SchemaError as e:
+            raise InvalidRequestError(
+                f"options.json_schema is not a valid JSON Schema: {e.message} (at "
+                f"{'/'.join(map(str, e.path)) or 'the root'})") from e
+    return schema
+
+
+async def gated_caption(tag: str, make: Callable[[str, Mapping[str, Any]], CaptionRequest], *,
+                        sampling: Mapping[str, Any], schema: Mapping[str, Any] | None,
+                        caption: CaptionFn, settings: Settings,
+                        attempts: Attempts) -> Caption:
+    """One caption through the quality gate: asked again while its status is truncated,
+    repetitive or invalid_json, up to ``worker.quality_gate_retries`` times with adjusted
+    sampling; the best attempt is kept (the earliest among equals)."""
+    w, serving = settings.worker, settings.serving
+    results: list[CaptionResult] = []
+    statuses: list[CaptionStatus] = []
+    kept: tuple[int, Any, bool] | None = None
+    for retry in range(w.quality_gate_retries + 1):
+        asked = sampling if retry == 0 else regeneration_sampling(
+            sampling, retry, base_temperature=serving.temperature,
+            base_repetition_penalty=serving.repetition_penalty,
+            repetition_penalty=w.quality_gate_repetition_penalty,
+            temperature=w.quality_gate_temperature)
+
+        def attempt(asked: Mapping[str, Any] = asked, retry: int = retry
+                    ) -> Awaitable[CaptionResult]:
+            # Unique per attempt: a result can only ever reach the request that asked.
+            request_id = f"{tag}#g{retry}#a{attempts.count}-{uuid.uuid4().hex[:8]}"
+            return caption(make(request_id, asked))
+
+        result = await attempts.run(attempt)
+        json_ok, parsed = parse_json(result.text, schema) if schema is not None \
+            else (None, None)
+        status = caption_status(result.text, result.finish_reason, json_ok=json_ok)
+        results.append(result)
+        statuses.append(status)
+        if kept is None or better(status, statuses[kept[0]]):
+            kept = (len(results) - 1, parsed if json_ok else None, bool(json_ok))
+        if status not in REGENERATE:
+            break
+    assert kept is not None
+    best = results[kept[0]]
+    text = canonical_json(kept[1]) if kept[2] else best.text
+    return Caption(text=text, finish_reason=best.finish_reason,
+                   status=statuses[kept[0]], results=tuple(results), statuses=tuple(statuses),
+                   parsed=kept[1])
 
 
 async def caption_event(event: VideoEvent, *, clips: ClipsFn, caption: CaptionFn,
@@ -169,38 +228,57 @@ async def caption_event(event: VideoEvent, *, clips: ClipsFn, caption: CaptionFn
 
     ``clips`` may return the clips decoded (a list) or a :class:`ClipStream` (windows decoded
     on demand): then at most ``video.windows_in_flight`` windows are decoded or captioned at
-    a time and each window's frames are let go once its caption is back, so an event's
+    a time and each window's frames are let go once its captions are back, so an event's
     memory is bounded by that many windows, whatever the video's length. When one window
-    fails for good, the windows still running are cancelled."""
+    fails for good, the windows still running are cancelled.
+
+    Each clip is decoded once and asked every prompt at once (the engine shares the video
+    between those requests); each caption goes through the quality gate. A windowed video
+    with ``summarize`` gets one more text-only request per prompt."""
     options = event.options
     overrides = options.frame_overrides() if options else {}
+    prompts, named = event_prompts(event, settings)
+    schema = event_schema(event, settings)
     started = time.monotonic()
     images = await event_images(event, settings, attempts)
     images_s = time.monotonic() - started
     opened = await attempts.run(lambda: clips(event.reference, overrides))
     stream: ClipStream = ClipList(opened, time.monotonic() - started - images_s) \
         if isinstance(opened, list) else opened
-    prompt = event.prompt(settings.serving.default_prompt)
     sampling = options.sampling.model_dump(exclude_none=True) \
         if options and options.sampling else {}
     count = stream.count
     got: list[Clip | None] = [None] * count
-    results: list[CaptionResult | None] = [None] * count
+    captions: list[dict[str, Caption] | None] = [None] * count
     gate = asyncio.Semaphore(settings.video.windows_in_flight)
     caption_spans: list[tuple[float, float]] = []
+
+    async def all_prompts(tag: str, ask: Callable[[str, str, str], Awaitable[Caption]]
+                          ) -> dict[str, Caption]:
+        if len(prompts) == 1:
+            name, text = next(iter(prompts.items()))
+            return {name: await ask(f"{tag}#p0", name, text)}
+        tasks = {}
+        try:
+            async with asyncio.TaskGroup() as group:
+                for k, (name, text) in enumerate(prompts.items()):
+                    tasks[name] = group.create_task(ask(f"{tag}#p{k}", name, text))
+        except BaseExceptionGroup as eg:
+            raise _first_error(eg) from None
+        return {name: task.result() for name, task in tasks.items()}
 
     async def window(i: int) -> None:
         async with gate:
             clip = await attempts.run(lambda: stream.clip(i))
 
-            def attempt() -> Awaitable[CaptionResult]:
-                # Unique per attempt: a result can only ever reach the request that asked.
-                request_id = f"{event.id}#w{clip.window_index or 0}#a{attempts.count}" \
-                             f"-{uuid.uuid4().hex[:8]}"
-                return caption(CaptionRequest(request_id, clip, prompt, sampling, images))
+            async def ask(tag: str, name: str, prompt: str) -> Caption:
+                return await gated_caption(
+                    tag, lambda rid, s: CaptionRequest(rid, clip, prompt, s, images, schema),
+                    sampling=sampling, schema=schema, caption=caption, settings=settings,
+                    attempts=attempts)
 
             asked = time.monotonic()
-            results[i] = await attempts.run(attempt)
+            captions[i] = await all_prompts(f"{event.id}#w{clip.window_index or 0}", ask)
             caption_spans.append((asked, time.monotonic()))
             got[i] = clip.without_frames() if count > 1 else clip
 
@@ -217,17 +295,32 @@ async def caption_event(event: VideoEvent, *, clips: ClipsFn, caption: CaptionFn
     finally:
         await stream.aclose()
     done_clips = [c for c in got if c is not None]
-    done_results = [r for r in results if r is not None]
-    caption_s = max(e for _, e in caption_spans) - min(a for a, _ in caption_spans)
-    if count == 1 and done_clips[0].window_index is None:
-        text, finish = done_results[0].text, done_results[0].finish_reason
+    windows = [c for c in captions if c is not None]
+    windowed = count > 1 or done_clips[0].window_index is not None
+    summarize = options.summarize if options and options.summarize is not None \
+        else settings.serving.summarize_windows
+    summarized = windowed and summarize
+    if not windowed:
+        event_captions = windows[0]
+    elif summarized:
+        async def ask_summary(tag: str, name: str, prompt: str) -> Caption:
+            text = summary_prompt(settings.serving.summary_prompt, prompt, done_clips,
+                                  [w[name] for w in windows])
+            return await gated_caption(
+                tag, lambda rid, s: CaptionRequest(rid, None, text, s, (), schema),
+                sampling=sampling, schema=schema, caption=caption, settings=settings,
+                attempts=attempts)
+
+        asked = time.monotonic()
+        event_captions = await all_prompts(f"{event.id}#summary", ask_summary)
+        caption_spans.append((asked, time.monotonic()))
     else:
-        text = "\n".join(f"[{c.start_s:.1f}s-{window_end_s(c):.1f}s] {r.text}"
-                         for c, r in zip(done_clips, done_results, strict=True))
-        finish = "length" if any(r.finish_reason == "length" for r in done_results) else "stop"
-    return EventCaption(text=text, prompt=prompt, finish_reason=finish, clips=done_clips,
-                        results=done_results, fetch_decode_s=images_s + stream.fetch_decode_s,
-                        caption_s=caption_s)
+        event_captions = {name: joined(done_clips, [w[name] for w in windows])
+                          for name in prompts}
+    caption_s = max(e for _, e in caption_spans) - min(a for a, _ in caption_spans)
+    return EventCaption(prompts=prompts, named=named, captions=event_captions, windows=windows,
+                        summarized=summarized, clips=done_clips,
+                        fetch_decode_s=images_s + stream.fetch_decode_s, caption_s=caption_s)
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:

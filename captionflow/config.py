@@ -27,6 +27,10 @@ from captionflow.errors import ConfigError
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 DEFAULT_PROMPT = "Please describe the video in detail."
+DEFAULT_SUMMARY_PROMPT = (
+    "Below are captions of consecutive parts of one video, each with its time span in "
+    "seconds. Write one caption of the whole video: what happens, in order. Do not mention "
+    "the parts or their times unless the order needs it.")
 ENV_PREFIX = "CAPTIONFLOW_"
 
 
@@ -225,6 +229,12 @@ class ServingSettings(_Section):
     work_dir: Path | None = None
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     default_prompt: str = DEFAULT_PROMPT
+    # Windowed videos: one more text-only request turns the window captions (with their
+    # timestamps) into one caption; an event's options.summarize overrides this.
+    summarize_windows: bool = False
+    summary_prompt: str = DEFAULT_SUMMARY_PROMPT
+    # Named JSON Schemas an event may pick with options.json_schema_name.
+    json_schemas: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # openai backend
     openai_base_url: str = "http://127.0.0.1:8000/v1"
     openai_api_key: SecretStr | None = None
@@ -287,6 +297,13 @@ class WorkerSettings(_Section):
     # Dead-letter events carry at most this prefix of the raw payload (plus its size and
     # sha256), so they always fit the producer's limit.
     dead_letter_payload_max_bytes: int = Field(65_536, ge=0)
+    # Quality gate (docs/captions.md): a caption whose status is truncated, repetitive or
+    # invalid_json is asked for again up to quality_gate_retries times (0 = off), with the
+    # repetition penalty raised by (quality_gate_repetition_penalty - 1) per retry and at
+    # least quality_gate_temperature; the best attempt is kept.
+    quality_gate_retries: int = Field(2, ge=0)
+    quality_gate_repetition_penalty: float = Field(1.2, ge=1)
+    quality_gate_temperature: float = Field(0.7, ge=0)
 
     @model_validator(mode="after")
     def _watermarks(self) -> WorkerSettings:

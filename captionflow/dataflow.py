@@ -73,7 +73,11 @@ def seed_settings(base: Settings, fields: dict[str, Any]) -> Settings:
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
         raise ConfigError(f"invalid serving options: {problems}") from e
-    return base.model_copy(update={"serving": serving})
+    update: dict[str, Any] = {"serving": serving}
+    if "quality_gate_retries" not in base.worker.model_fields_set:
+        # The seed asks the engine once per row; the quality gate is opt-in here.
+        update["worker"] = base.worker.model_copy(update={"quality_gate_retries": 0})
+    return base.model_copy(update=update)
 
 
 class LocalModelVLMServing_vllm:

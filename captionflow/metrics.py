@@ -10,6 +10,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from captionflow.errors import ErrorCode
+from captionflow.quality import REGENERATE, STATUSES
 
 STAGES = ("fetch", "decode", "queue", "inference", "publish", "end_to_end")
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -61,6 +62,15 @@ class Metrics:
             "captionflow_video_read_bytes",
             "Bytes fetched over the network per event (object store ranges or a download); "
             "local files are not counted.", buckets=BYTES_BUCKETS, registry=r)
+        self.captions = Counter(
+            "captionflow_captions_total",
+            "Captions generated, by status (ok, truncated, repetitive, empty, invalid_json): "
+            "each window's and prompt's, and each summary, after the quality gate.",
+            ["status"], registry=r)
+        self.caption_regenerations = Counter(
+            "captionflow_caption_regenerations_total",
+            "Extra engine requests made by the quality gate, by the status that caused them.",
+            ["status"], registry=r)
         self.rebalances = Counter(
             "captionflow_rebalances_total", "Partition changes, by kind (assigned, revoked, lost).",
             ["kind"], registry=r)
@@ -99,6 +109,10 @@ class Metrics:
             self.stage_seconds.labels(stage)
         for kind in ("prompt", "completion"):
             self.tokens.labels(kind)
+        for status in STATUSES:
+            self.captions.labels(status)
+        for status in sorted(REGENERATE):
+            self.caption_regenerations.labels(status)
         for kind in ("assigned", "revoked", "lost"):
             self.rebalances.labels(kind)
         for result in ("ok", "failed"):

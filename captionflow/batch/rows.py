@@ -30,6 +30,9 @@ def row_event(row: Any, index: int, keys: RowKeys) -> VideoEvent:
     data: dict[str, Any] = {"id": f"row-{index}", "video": row.get(keys.video)}
     if row.get(keys.image) is not None:
         data["image"] = row[keys.image]
+    if row.get("options") is not None:
+        # Per-row options as in a VideoEvent: prompts, json_schema, summarize, sampling...
+        data["options"] = row["options"]
     conversation = row.get(keys.conversation)
     if conversation is not None:
         # Turns may carry extra fields in DataFlow files; the event needs only these two.
@@ -54,11 +57,18 @@ def conversation_with_prompt(row: dict[str, Any], keys: RowKeys, prompt: str) ->
     return [{"from": "human", "value": prompt}, *turns]
 
 
-def captioned_row(row: dict[str, Any], keys: RowKeys, *, prompt: str,
-                  caption: str) -> dict[str, Any]:
+def captioned_row(row: dict[str, Any], keys: RowKeys, *, prompt: str, caption: str,
+                  fields: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The row with its caption; ``fields`` are the caption event's quality fields (status,
+    generations, captions, caption_json, windows...): those that are set are written as
+    ``<output>_<field>`` (``caption_status``, ``caption_json``, ``caption_windows``)."""
     out = {k: v for k, v in row.items() if k != ERROR_KEY}
     out[keys.conversation] = conversation_with_prompt(row, keys, prompt)
     out[keys.output] = caption
+    for name, value in (fields or {}).items():
+        if value is not None and value is not False:
+            key = name if name.startswith(keys.output) else f"{keys.output}_{name}"
+            out[key] = value
     return out
 
 

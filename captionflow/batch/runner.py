@@ -165,7 +165,10 @@ async def caption_rows(rows: list[Any], *, settings: Settings, backend: CaptionB
             out[i] = failed_row(row, keys, error)
             report.failed[error.code.value] += 1
             return finish(i, FAILED)
-        out[i] = captioned_row(row, keys, prompt=result.prompt, caption=result.text)
+        windows = result.window_captions()
+        out[i] = captioned_row(row, keys, prompt=result.prompt, caption=result.text, fields={
+            **result.quality_fields(),
+            "windows": [w.model_dump(mode="json") for w in windows] if windows else None})
         report.captioned += 1
         finish(i, CAPTIONED)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from aiokafka.structs import ConsumerRecord
 
-from captionflow.captioning import Attempts, ClipsFn, EventCaption, caption_event, window_end_s
+from captionflow.captioning import Attempts, ClipsFn, EventCaption, caption_event
 from captionflow.config import Settings
 from captionflow.consumer.publish import fit_caption
 from captionflow.errors import CaptionflowError, DependencyError, FatalError, InternalError
@@ -28,7 +28,6 @@ from captionflow.schemas.events import (
     TokenUsage,
     VideoEvent,
     VideoInfo,
-    WindowCaption,
 )
 from captionflow.serving.base import CaptionRequest, CaptionResult
 from captionflow.video.clip import Clip
@@ -138,19 +137,16 @@ class RecordPipeline:
         queue_ms = max(r.queue_ms for r in result.results)
         inference_ms = max(r.inference_ms for r in result.results) or result.caption_s * 1000
         m.stage_seconds.labels("inference").observe(inference_ms / 1000)
-        windows = None
-        if result.windowed:
-            windows = [WindowCaption(
-                index=c.window_index or 0, start_s=c.start_s, end_s=window_end_s(c),
-                caption=r.text, finish_reason=r.finish_reason,
-                usage=TokenUsage(prompt_tokens=r.prompt_tokens,
-                                 completion_tokens=r.completion_tokens))
-                for c, r in zip(result.clips, result.results, strict=True)]
+        for generated in result.generated():
+            m.captions.labels(generated.status).inc()
+            for status in generated.regenerated_for:
+                m.caption_regenerations.labels(status).inc()
         return CaptionEvent(
             id=event.id, video=event.video, image=event.image,
             conversation=event.conversation_with_prompt(result.prompt), caption=result.text,
             model=self._model, finish_reason=result.finish_reason, usage=usage,
-            video_info=video_info, windows=windows,
+            video_info=video_info, windows=result.window_captions(),
+            **result.quality_fields(),
             timings=StageTimings(fetch_decode_ms=round(result.fetch_decode_s * 1000, 3),
                                  queue_ms=round(queue_ms, 3),
                                  inference_ms=round(inference_ms, 3),

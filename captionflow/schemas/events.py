@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from captionflow.errors import ErrorCode
 
@@ -38,6 +46,15 @@ class SamplingOptions(_Model):
     seed: int | None = None
 
 
+# Prompt names become keys of `captions`; several prompts share one fetch and decode.
+MAX_PROMPTS = 16
+_PromptName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+CaptionStatus = Literal["ok", "truncated", "repetitive", "empty", "invalid_json"]
+_STATUS_DOC = ("ok; truncated (finish_reason length); repetitive (the n-gram repetition "
+               "detector); empty; invalid_json (a structured caption that does not parse or "
+               "validate against its schema). See docs/captions.md.")
+
+
 class EventOptions(_Model):
     """Per-event overrides; the worker clamps them to its configured limits."""
 
@@ -52,9 +69,38 @@ class EventOptions(_Model):
     start_s: float | None = Field(None, ge=0)
     end_s: float | None = Field(None, gt=0)
     sampling: SamplingOptions | None = None
+    prompts: dict[_PromptName, str] | None = Field(
+        None, min_length=1, max_length=MAX_PROMPTS, description=(
+            "Several named prompts on one decode: the caption event's `captions` holds one "
+            "caption per name, and `caption` the first one's. Overrides `prompt`."))
+    json_schema: dict[str, Any] | None = Field(None, description=(
+        "A JSON Schema that constrains the caption (structured outputs); the caption event "
+        "carries the parsed object in `caption_json`."))
+    json_schema_name: str | None = Field(None, min_length=1, description=(
+        "The name of a schema from the worker's serving.json_schemas setting."))
+    summarize: bool | None = Field(None, description=(
+        "For windowed videos: one more text-only request turns the window captions into "
+        "one caption (default: serving.summarize_windows)."))
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_non_blank(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None and any(not text.strip() for text in value.values()):
+            raise ValueError("prompts must not be blank")
+        return value
+
+    @model_validator(mode="after")
+    def _one_schema(self) -> EventOptions:
+        if self.json_schema is not None and self.json_schema_name is not None:
+            raise ValueError("give json_schema or json_schema_name, not both")
+        return self
 
     def frame_overrides(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"prompt", "sampling"}, exclude_none=True)
+        return self.model_dump(exclude=_NOT_FRAME_OPTIONS, exclude_none=True)
+
+
+_NOT_FRAME_OPTIONS = {"prompt", "sampling", "prompts", "json_schema", "json_schema_name",
+                      "summarize"}
 
 
 # A bare string is accepted on input and stored as a one-element list.
@@ -169,6 +215,12 @@ class WindowCaption(_Model):
     caption: str
     finish_reason: str
     usage: TokenUsage
+    status: CaptionStatus = Field("ok", description=_STATUS_DOC)
+    generations: int = Field(1, description=(
+        "Engine requests made for this window's caption: 1, plus the quality gate's."))
+    captions: dict[str, str] | None = Field(
+        None, description="One caption per named prompt (options.prompts).")
+    caption_json: Any = Field(None, description="The caption parsed, with options.json_schema.")
 
 
 class CaptionEvent(_Model):
@@ -185,6 +237,20 @@ class CaptionEvent(_Model):
     usage: TokenUsage
     video_info: VideoInfo | None = None
     windows: list[WindowCaption] | None = None
+    status: CaptionStatus = Field("ok", description=_STATUS_DOC + (
+        " For a windowed video without a summary: the worst window's."))
+    generations: int = Field(1, description=(
+        "Engine requests made for this event's captions (one per prompt and window, plus "
+        "summaries), the quality gate's included."))
+    captions: dict[str, str] | None = Field(None, description=(
+        "One caption per named prompt (options.prompts); `caption` is the first one's."))
+    captions_status: dict[str, CaptionStatus] | None = Field(
+        None, description="The status of each caption in `captions`.")
+    caption_json: Any = Field(None, description=(
+        "With options.json_schema: the caption parsed (the first prompt's; for a windowed "
+        "video, the summary's, or none without a summary: see the windows)."))
+    summarized: bool = Field(False, description=(
+        "True when `caption` is a summary of the window captions (options.summarize)."))
     timings: StageTimings = StageTimings()
     metadata: dict[str, Any] = Field(default_factory=dict)
     source: SourceCoordinates | None = None

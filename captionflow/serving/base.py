@@ -26,14 +26,18 @@ class CaptionRequest:
     ``request_id`` is unique per in-flight request and is how a result finds its way back to
     its event: the worker builds it from the event id, the window and the attempt.
     ``images`` (uint8 ``(H, W, 3)`` RGB, from :func:`captionflow.video.images.load_images`)
-    go into the user turn before the video, in order.
+    go into the user turn before the video, in order. Without a ``clip`` the request is
+    text only (a summary of window captions). With ``json_schema`` the output is constrained
+    to JSON that the schema accepts (structured outputs); a schema the engine cannot compile
+    fails the request with ``invalid_request``.
     """
 
     request_id: str
-    clip: Clip
+    clip: Clip | None
     prompt: str
     sampling: Mapping[str, Any] = field(default_factory=dict)
     images: tuple[np.ndarray, ...] = ()
+    json_schema: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -89,6 +89,13 @@ def engine_args(settings: ServingSettings) -> Any:
         value = getattr(settings, name)
         if value is not None:
             kwargs[name] = value
+    from vllm.config import StructuredOutputsConfig
+
+    # Structured captions (options.json_schema) as compact JSON: with any whitespace allowed
+    # between tokens, a weak or random model can spend its whole budget on spaces. vLLM
+    # takes the whitespace option only with a named grammar backend.
+    kwargs["structured_outputs_config"] = StructuredOutputsConfig(
+        backend="xgrammar", disable_any_whitespace=True)
     return AsyncEngineArgs(**kwargs)
 
 
@@ -110,7 +117,8 @@ def vllm_server_command(settings: ServingSettings, *, host: str = "127.0.0.1",
            "--dtype", settings.dtype, "--max-model-len", str(settings.max_model_len),
            "--tensor-parallel-size", str(settings.tensor_parallel_size),
            "--limit-mm-per-prompt", json.dumps(dict(settings.limit_mm_per_prompt)),
-           "--trust-request-mm-kwargs"]
+           "--trust-request-mm-kwargs",
+           "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True})]
     if settings.kv_cache_memory_bytes is not None:
         cmd += ["--kv-cache-memory-bytes", str(settings.kv_cache_memory_bytes)]
     else:

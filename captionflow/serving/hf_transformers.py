@@ -77,11 +77,14 @@ class TransformersBackend(CaptionBackend):
         ``second_per_grid_ts``); tests compare it with what the engines see."""
         messages = build_messages(request.prompt, system_prompt=self.settings.system_prompt,
                                   default_prompt=self.settings.default_prompt,
-                                  images=len(request.images))
+                                  images=len(request.images),
+                                  video=request.clip is not None)
         text = render_prompt(self._processor.tokenizer, messages)
+        extra: dict[str, Any] = {"images": list(request.images)} if request.images else {}
+        if request.clip is None:
+            return self._processor(text=[text], return_tensors="pt", **extra)
         metadata = {k: v for k, v in video_metadata(request.clip).items()
                     if k != "do_sample_frames"}
-        extra: dict[str, Any] = {"images": list(request.images)} if request.images else {}
         return self._processor(text=[text], videos=[request.clip.frames],
                                video_metadata=[metadata], do_sample_frames=False,
                                return_tensors="pt", **extra)
@@ -89,6 +92,10 @@ class TransformersBackend(CaptionBackend):
     async def caption(self, request: CaptionRequest) -> CaptionResult:
         if self._closed or self._pool is None:
             raise EngineDeadError("the transformers backend is closed; call start() first")
+        if request.json_schema is not None:
+            raise InvalidRequestError(
+                f"request {request.request_id}: structured captions (options.json_schema) need "
+                "the vllm or openai backend; the transformers backend cannot constrain output")
         values = sampling_values(self.settings, dict(request.sampling))
         loop = asyncio.get_running_loop()
         queued = time.perf_counter()

@@ -125,7 +125,10 @@ class OpenAIBackend(CaptionBackend):
         values = sampling_values(self.settings, dict(request.sampling))
         clip = request.clip
         media_io: dict[str, Any] = {}
-        if self.settings.openai_video_transport == "url":
+        video_part: dict[str, Any] | None = None
+        if clip is None:
+            pass
+        elif self.settings.openai_video_transport == "url":
             url = clip.extra.get("video_url")
             if not url:
                 raise InvalidRequestError(
@@ -137,14 +140,16 @@ class OpenAIBackend(CaptionBackend):
             # Frame count and rate of what we send, so the server neither drops frames
             # (its default keeps 32) nor guesses the rate that drives the temporal ids.
             media_io = {"video": {"num_frames": clip.num_frames, "fps": float(clip.sample_fps)}}
-        video_part = {"type": "video_url", "video_url": {"url": url}}
+        if clip is not None:
+            video_part = {"type": "video_url", "video_url": {"url": url}}
         image_parts = [{"type": "image_url", "image_url": {"url": image_data_url(image)}}
                        for image in request.images]
         body: dict[str, Any] = {
             "model": self.model_name,
             "messages": build_messages(request.prompt, system_prompt=self.settings.system_prompt,
                                        default_prompt=self.settings.default_prompt,
-                                       video_part=video_part, image_parts=image_parts),
+                                       video_part=video_part, image_parts=image_parts,
+                                       video=clip is not None),
             "max_tokens": int(values["max_tokens"]),
             "temperature": float(values["temperature"]),
             "top_p": float(values["top_p"]),
@@ -156,6 +161,10 @@ class OpenAIBackend(CaptionBackend):
             body["seed"] = int(values["seed"])
         if media_io:
             body["media_io_kwargs"] = media_io
+        if request.json_schema is not None:
+            # The server compiles the schema; one it cannot is an HTTP 400 (invalid_request).
+            body["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": "caption", "schema": dict(request.json_schema), "strict": True}}
         return body
 
     async def caption(self, request: CaptionRequest) -> CaptionResult:

@@ -21,13 +21,15 @@ def user_text(prompt: str | None, default_prompt: str = DEFAULT_PROMPT) -> str:
 def build_messages(prompt: str | None, *, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
                    default_prompt: str = DEFAULT_PROMPT,
                    video_part: dict[str, Any] | None = None, images: int = 0,
-                   image_parts: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+                   image_parts: list[dict[str, Any]] | None = None,
+                   video: bool = True) -> list[dict[str, Any]]:
     """Chat messages with the images, then the video, then the text, as Qwen2.5-VL was
     trained (media before the question).
 
     ``images`` bare ``{"type": "image"}`` placeholders come first; ``image_parts`` replaces
     them (e.g. OpenAI ``image_url`` parts). ``video_part`` replaces the bare
-    ``{"type": "video"}`` placeholder, e.g. with an OpenAI ``video_url`` part.
+    ``{"type": "video"}`` placeholder, e.g. with an OpenAI ``video_url`` part; without
+    ``video`` the user turn has no video (a text-only request).
     """
     messages: list[dict[str, Any]] = []
     if system_prompt:
@@ -36,7 +38,7 @@ def build_messages(prompt: str | None, *, system_prompt: str = DEFAULT_SYSTEM_PR
         image_parts = [{"type": "image"} for _ in range(images)]
     messages.append({"role": "user", "content": [
         *image_parts,
-        video_part or {"type": "video"},
+        *([video_part or {"type": "video"}] if video else []),
         {"type": "text", "text": user_text(prompt, default_prompt)},
     ]})
     return messages

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from captionflow.config import ServingSettings, VideoSettings
@@ -70,9 +71,11 @@ class VllmBackend(CaptionBackend):
         self._dead_event = asyncio.Event()
         self._watchdog: asyncio.Task[None] | None = None
         self._in_flight: set[str] = set()
-        # Rendered chat prompts by (user text, image count): the template is rendered once
-        # per distinct pair.
-        self._prompt_cache: dict[tuple[str | None, int], str] = {}
+        # Rendered chat prompts by (user text, image count, video or not): the template is
+        # rendered once per distinct key.
+        self._prompt_cache: dict[tuple[str | None, int, bool], str] = {}
+        # Generation-config stop ids other than the tokenizer's EOS (set at start).
+        self._extra_stop_ids: tuple[int, ...] = ()
 
     @property
     def engine(self) -> Any:
@@ -101,6 +104,7 @@ class VllmBackend(CaptionBackend):
             raise EngineDeadError(f"vLLM engine failed to start for {self.settings.model}: "
                                   f"{type(e).__name__}: {e}") from e
         self._tokenizer = self._engine.get_tokenizer()
+        self._extra_stop_ids = self._generation_stop_ids()
         self._watchdog = asyncio.create_task(self._watch(), name="vllm-engine-watchdog")
         log.info("vLLM engine ready: model=%s max_model_len=%d", self.settings.model,
                  self.settings.max_model_len)
@@ -155,32 +159,54 @@ class VllmBackend(CaptionBackend):
                 "backend": self.name, "max_model_len": self.settings.max_model_len,
                 "dtype": self.settings.dtype}
 
-    def prompt_text(self, prompt: str | None, images: int = 0) -> str:
+    def prompt_text(self, prompt: str | None, images: int = 0, *, video: bool = True) -> str:
         """The full chat-templated prompt for a user's text (``images`` image placeholders,
-        then the video placeholder, then the text)."""
+        then the video placeholder unless ``video`` is False, then the text)."""
         if self._tokenizer is None:
             raise EngineDeadError("the vLLM backend is not started; call start() first")
-        key = (prompt, images)
+        key = (prompt, images, video)
         text = self._prompt_cache.get(key)
         if text is None:
             messages = build_messages(prompt, system_prompt=self.settings.system_prompt,
                                       default_prompt=self.settings.default_prompt,
-                                      images=images)
+                                      images=images, video=video)
             text = render_prompt(self._tokenizer, messages)
             if len(self._prompt_cache) >= _PROMPT_CACHE_SIZE:
                 self._prompt_cache.clear()
             self._prompt_cache[key] = text
         return text
 
-    def sampling_params(self, overrides: dict[str, Any]) -> Any:
+    def sampling_params(self, overrides: dict[str, Any],
+                        json_schema: Mapping[str, Any] | None = None) -> Any:
+        """vLLM sampling parameters; with ``json_schema``, constrained to that schema.
+
+        The grammar lets the tokenizer's EOS end the output only where the JSON is complete,
+        but vLLM also stops on the generation config's other stop ids (Qwen's
+        ``<|endoftext|>``), which the grammar does not forbid mid-object: those are banned
+        for a structured request, so it can only end where the grammar does."""
         from vllm import SamplingParams
         from vllm.exceptions import VLLMClientError
+        from vllm.sampling_params import StructuredOutputsParams
 
         values = sampling_values(self.settings, overrides)
         try:
+            if json_schema is not None:
+                values["structured_outputs"] = StructuredOutputsParams(json=dict(json_schema))
+                if self._extra_stop_ids:
+                    values["logit_bias"] = {i: -100.0 for i in self._extra_stop_ids}
             return SamplingParams(**values)
         except (ValueError, TypeError, VLLMClientError) as e:
             raise InvalidRequestError(f"invalid sampling options {dict(overrides)}: {e}") from e
+
+    def _generation_stop_ids(self) -> tuple[int, ...]:
+        eos = getattr(self._tokenizer, "eos_token_id", None)
+        try:
+            config = self._engine.model_config.try_get_generation_config()
+        except Exception:
+            return ()
+        ids = config.get("eos_token_id") if config else None
+        ids = {ids} if isinstance(ids, int) else set(ids or ())
+        return tuple(sorted(i for i in ids if i != eos))
 
     async def caption(self, request: CaptionRequest) -> CaptionResult:
         if self._dead is not None:
@@ -190,16 +216,21 @@ class VllmBackend(CaptionBackend):
         if request.request_id in self._in_flight:
             raise InvalidRequestError(
                 f"request id {request.request_id!r} is already in flight; ids must be unique")
-        params = self.sampling_params(dict(request.sampling))
-        try:
-            metadata = video_metadata(request.clip)
-        except ValueError as e:
-            raise InvalidRequestError(str(e)) from e
-        media: dict[str, Any] = {"video": (request.clip.frames, metadata)}
+        params = self.sampling_params(dict(request.sampling), request.json_schema)
+        media: dict[str, Any] = {}
+        if request.clip is not None:
+            try:
+                metadata = video_metadata(request.clip)
+            except ValueError as e:
+                raise InvalidRequestError(str(e)) from e
+            media["video"] = (request.clip.frames, metadata)
         if request.images:
             media["image"] = list(request.images)
-        inputs = {"prompt": self.prompt_text(request.prompt, len(request.images)),
-                  "multi_modal_data": media}
+        inputs: dict[str, Any] = {
+            "prompt": self.prompt_text(request.prompt, len(request.images),
+                                       video=request.clip is not None)}
+        if media:
+            inputs["multi_modal_data"] = media
         self._in_flight.add(request.request_id)
         run = asyncio.ensure_future(self._generate(request.request_id, inputs, params))
         dead = asyncio.ensure_future(self._dead_event.wait())
@@ -268,7 +299,10 @@ class VllmBackend(CaptionBackend):
                 "(video.max_frames, video.max_pixels) or raise serving.max_model_len.")
         if isinstance(cause, GracefulHTTPError):
             return EngineOverloadedError(f"request {request_id}: engine queue is full ({text})")
-        if isinstance(cause, (VLLMClientError, ValueError, TypeError)):
+        # vLLM's own validation errors (a schema its grammar backend cannot compile) carry
+        # the library's error as their cause.
+        if isinstance(cause, (VLLMClientError, ValueError, TypeError)) or \
+                isinstance(e, (VLLMClientError, ValueError, TypeError)):
             return InvalidRequestError(f"request {request_id}: vLLM rejected it ({text})")
         return EngineRequestFailedError(f"request {request_id}: {text}")
 
