@@ -145,7 +145,7 @@ def test_no_sampled_video_has_more_tokens_than_the_bound(video: VideoSettings,
     bound = largest_video_tokens(video, geometry)
     # Ordinary sizes, a tiny one (scaled up) and very wide ones (sides clamped to 28).
     sources = [(360, 640), (1080, 1920), (60, 100), (2160, 3840), (8, 1400), (29, 3580),
-               (16, 2800), (1700, 10)]
+               (16, 2800), (150, 27000), (1700, 10)]
     policy = SamplingPolicy.from_settings(video)
     worst = 0
     for frames in range(2, video.max_frames + 1, 2):
@@ -153,6 +153,15 @@ def test_no_sampled_video_has_more_tokens_than_the_bound(video: VideoSettings,
             h, w = policy.frame_size(src_h, src_w, frames)
             worst = max(worst, _processor_tokens(h, w, frames, geometry))
     assert 0 < worst <= bound
+
+
+def test_very_wide_frames_stay_within_the_models_aspect_limit() -> None:
+    """Flooring the short side to 28 used to leave a 180:1 source at 297:1, which the
+    model's processor refuses ("absolute aspect ratio must be smaller than 200")."""
+    policy = SamplingPolicy.from_settings(VideoSettings())
+    for frames in (2, 100, 768):
+        h, w = policy.frame_size(150, 27000, frames)
+        assert w / h <= 200 and h % 28 == 0 and w % 28 == 0
 
 
 def test_the_issue_clips_fit_the_planned_encoder_cache(tiny_model_dir_8k: Path,

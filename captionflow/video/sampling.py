@@ -179,4 +179,7 @@ def smart_resize(height: int, width: int, *, factor: int = IMAGE_FACTOR,
         beta = math.sqrt(min_pixels / (height * width))
         h_bar = ceil_by_factor(height * beta, factor)
         w_bar = ceil_by_factor(width * beta, factor)
-    return h_bar, w_bar
+    # A short side raised to ``factor`` can push a very wide frame past the model's aspect
+    # limit, and the model's processor refuses such a video: shorten the long side.
+    longest = floor_by_factor(MAX_ASPECT_RATIO * min(h_bar, w_bar), factor)
+    return min(h_bar, longest), min(w_bar, longest)
