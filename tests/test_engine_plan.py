@@ -23,6 +23,8 @@ from captionflow.serving.engine_plan import (
     VLLM_DEFAULT_BATCHED_TOKENS,
     VisionGeometry,
     check_engine_limits,
+    cpu_dtype,
+    cpu_has_native_bf16,
     kv_bytes_per_token,
     largest_video_tokens,
     plan_engine,
@@ -58,6 +60,17 @@ def test_cpu_plan_fills_every_unset_engine_field(tiny_model_dir_8k: Path,
                                 "kv_cache_memory_bytes", "max_num_batched_tokens"}
     assert "max_model_len=8192" in plan.describe() and "as given none" in plan.describe()
     check_engine_limits(s, cpu=True, video=settings.video, available_bytes=8 * GIB)
+
+
+def test_cpu_dtype_follows_the_checkpoint_and_the_cpu(tiny_model_dir: Path,
+                                                     tmp_path: Path) -> None:
+    assert cpu_dtype(str(tiny_model_dir)) == "float32"  # never downcast a float32 model
+    model = tmp_path / "qwen2.5-vl-tiny"
+    shutil.copytree(tiny_model_dir, model)
+    config = orjson.loads((model / "config.json").read_bytes())
+    config["torch_dtype"] = config["text_config"]["torch_dtype"] = "bfloat16"
+    (model / "config.json").write_bytes(orjson.dumps(config))
+    assert cpu_dtype(str(model)) == ("bfloat16" if cpu_has_native_bf16() else "float32")
 
 
 def test_gpu_keeps_the_seed_defaults_and_only_sizes_the_token_budget(
