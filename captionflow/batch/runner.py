@@ -149,7 +149,7 @@ async def caption_rows(rows: list[Any], *, settings: Settings, backend: CaptionB
             return finish(i, FAILED)
         try:
             event = row_event(row, i, keys)
-            result = await caption_event(event, clips=frames.clips, caption=lazy.caption,
+            result = await caption_event(event, clips=frames.open, caption=lazy.caption,
                                          settings=settings,
                                          attempts=Attempts(settings.worker, label=f"row {i}"))
         except FatalError:

@@ -28,30 +28,27 @@ from captionflow.config import Settings
 from captionflow.consumer.batch import MicroBatcher
 from captionflow.consumer.commit import Committer
 from captionflow.consumer.dependencies import DependencyGate
+from captionflow.consumer.frames import timed_clips
 from captionflow.consumer.guard import PoisonGuard
 from captionflow.consumer.health import HealthServer, HealthState
 from captionflow.consumer.offsets import OffsetTracker
 from captionflow.consumer.pipeline import Output, RecordPipeline, where
 from captionflow.consumer.publish import OutputPublisher
+from captionflow.consumer.readiness import ReadinessWatch
 from captionflow.consumer.rebalance import RebalanceHandler
 from captionflow.errors import (
     BrokerUnavailableError,
     CaptionflowError,
-    Dependency,
-    EngineStalledError,
-    ErrorCode,
     FatalError,
     OutputTooLargeError,
 )
 from captionflow.kafka import make_consumer
 from captionflow.metrics import Metrics
 from captionflow.serving.base import CaptionBackend
-from captionflow.video.s3 import probe_object_store
 from captionflow.video.source import FrameSource
 
 log = logging.getLogger(__name__)
 
-READINESS_INTERVAL_S = 1.0
 
 
 class Worker:
@@ -78,6 +75,7 @@ class Worker:
         self._consumer: AIOKafkaConsumer | None = None
         self._committer: Committer | None = None
         self._gate: DependencyGate | None = None
+        self._watch: ReadinessWatch | None = None
         self._publisher: OutputPublisher | None = None
         self._pipeline: RecordPipeline | None = None
         self._rebalance: RebalanceHandler | None = None
@@ -154,18 +152,15 @@ class Worker:
                 rebalance_timeout_ms=s.worker.rebalance_timeout_ms,
                 max_poll_records=s.worker.max_poll_records)
             self._committer = Committer(consumer, self._tracker, s.worker, self.metrics)
-            probes = {Dependency.ENGINE: self._probe_engine,
-                      Dependency.BROKER: self._probe_broker,
-                      Dependency.OBJECT_STORE: partial(
-                          probe_object_store, s.video, timeout_s=s.worker.probe_timeout_s)}
-            gate = self._gate = DependencyGate(
-                probes,
-                probe_timeout_s=s.worker.probe_timeout_s,
-                backoff_initial_ms=s.worker.probe_backoff_initial_ms,
-                backoff_max_ms=s.worker.probe_backoff_max_ms, on_change=self._dependency_changed)
+            self._watch = ReadinessWatch(
+                s, backend=backend, consumer=consumer, guard=self._guard, health=self.health,
+                metrics=self.metrics, fail=self._fail, fatal=lambda: self._fatal,
+                stopping=self._stopping.is_set)
+            gate = self._gate = self._watch.gate
             stack.push_async_callback(gate.close)
             self._pipeline = RecordPipeline(
-                s, clips=self._timed_clips(frames), caption=batcher.submit, model_name=model,
+                s, clips=timed_clips(frames, self.metrics), caption=batcher.submit,
+                model_name=model,
                 metrics=self.metrics, worker_id=self.worker_id, on_dependency=gate.report)
             self._rebalance = RebalanceHandler(
                 on_assigned=self._assigned, on_revoked=self._revoked, on_lost=self._lost,
@@ -179,7 +174,7 @@ class Worker:
             stack.push_async_callback(consumer.stop)
             background = [
                 asyncio.create_task(self._committer.run(), name="captionflow-commit"),
-                asyncio.create_task(self._readiness_loop(), name="captionflow-ready")]
+                asyncio.create_task(self._watch.run(), name="captionflow-ready")]
             for task in background:
                 task.add_done_callback(self._background_done)
             try:
@@ -196,17 +191,6 @@ class Worker:
             return 1
         log.info("worker stopped cleanly")
         return 0
-
-    def _timed_clips(self, frames: FrameSource):
-        async def clips(reference: str, overrides: dict):
-            started = time.monotonic()
-            result = await frames.clips(reference, overrides)
-            elapsed = time.monotonic() - started
-            fetch_s = sum(c.extra.get("fetch_s", 0.0) for c in result[:1])
-            self.metrics.stage_seconds.labels("fetch").observe(fetch_s)
-            self.metrics.stage_seconds.labels("decode").observe(max(0.0, elapsed - fetch_s))
-            return result
-        return clips
 
     def _background_done(self, task: asyncio.Task[None]) -> None:
         # A dead commit or readiness loop would leave the worker committing nothing, or
@@ -353,68 +337,6 @@ class Worker:
         self.metrics.paused_partitions.set(len(consumer.paused()))
         return paused
 
-    # --- dependencies and readiness --------------------------------------------------------
-
-    async def _probe_engine(self) -> bool:
-        assert self._backend is not None
-        if self._backend.progress.stalled_for_s() >= self.settings.worker.engine_stall_s:
-            return False
-        return await self._backend.healthy()
-
-    async def _probe_broker(self) -> bool:
-        """A real metadata request: aiokafka's cached broker list never empties, so it
-        cannot tell a dead cluster from a live one."""
-        assert self._consumer is not None
-        try:
-            await self._consumer._client.fetch_all_metadata()
-        except (KafkaError, OSError):
-            return False
-        return True
-
-    def _dependency_changed(self, dependency: str, up: bool, reason: str) -> None:
-        self.metrics.dependency_up.labels(str(dependency)).set(1 if up else 0)
-        if not up:
-            self.metrics.dependency_outages.labels(str(dependency)).inc()
-        self._update_readiness()
-
-    def _update_readiness(self) -> None:
-        assert self._gate is not None
-        down = self._gate.down()
-        reason = ("stopping" if self._stopping.is_set() else
-                  f"fatal: {self._fatal}" if self._fatal is not None else
-                  self._guard.describe() or
-                  "; ".join(f"{dep} down: {why}" for dep, why in down.items()) or "ready")
-        ready = reason == "ready"
-        self.health.ready = ready
-        self.health.reason = reason
-        self.metrics.ready.set(1 if ready else 0)
-
-    async def _readiness_loop(self) -> None:
-        assert self._backend is not None and self._gate is not None
-        w = self.settings.worker
-        gate = self._gate
-        while True:
-            engine_ok, broker_ok = await asyncio.gather(
-                gate.check(Dependency.ENGINE), gate.check(Dependency.BROKER))
-            self.metrics.dependency_up.labels("engine").set(1 if engine_ok else 0)
-            self.metrics.dependency_up.labels("broker").set(1 if broker_ok else 0)
-            stalled_s = self._backend.progress.stalled_for_s()
-            self.metrics.engine_stalled.set(stalled_s)
-            if stalled_s >= w.engine_stall_exit_s:
-                self._fail(EngineStalledError(
-                    f"{self._backend.progress.in_flight} request(s) in flight and no token "
-                    f"from the engine for {stalled_s:.0f} s (worker.engine_stall_exit_s="
-                    f"{w.engine_stall_exit_s:g})"))
-            broker_down_s = gate.down_for_s(Dependency.BROKER)
-            if w.broker_down_exit_s and broker_down_s >= w.broker_down_exit_s:
-                self._fail(FatalError(
-                    f"Kafka at {self.settings.kafka.bootstrap_servers} unreachable for "
-                    f"{broker_down_s:.0f} s (worker.broker_down_exit_s="
-                    f"{w.broker_down_exit_s:g}); exiting so fresh clients reconnect",
-                    code=ErrorCode.BROKER_UNAVAILABLE))
-            self._update_readiness()
-            await asyncio.sleep(READINESS_INTERVAL_S)
-
     # --- rebalance -------------------------------------------------------------------------
 
     def _assigned(self, tps: set[TopicPartition]) -> None:
@@ -478,3 +400,4 @@ class Worker:
                 await self._committer.commit(raise_errors=False)
             except CaptionflowError as e:
                 log.warning("final commit failed: %s", e)
+
