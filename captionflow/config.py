@@ -13,7 +13,15 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
@@ -60,6 +68,17 @@ class KafkaSettings(_Section):
     max_request_size_bytes: int = Field(1_048_576, gt=0)
     # Input records above this size go to the dead-letter topic as payload_too_large.
     max_event_bytes: int = Field(1_048_576, gt=0)
+
+    @field_validator("enable_idempotence", mode="before")
+    @classmethod
+    def _tri_state(cls, value: Any) -> bool | str:
+        words = {"auto": "auto", "true": True, "1": True, "yes": True, "on": True,
+                 "false": False, "0": False, "no": False, "off": False}
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in words:
+            return words[value.strip().lower()]
+        raise ValueError(f"{value!r} is not auto, true or false")
 
     @model_validator(mode="after")
     def _check_security(self) -> KafkaSettings:
