@@ -52,6 +52,36 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
     return text
 
 
-def video_metadata(clip: Clip) -> dict[str, Any]:
-    """Metadata for the ``(frames, metadata)`` tuple: :meth:`Clip.vllm_metadata`."""
-    return clip.vllm_metadata()
+QWEN2_5_VL = "qwen2_5_vl"
+QWEN3_VL = "qwen3_vl"
+
+
+def model_family(model_type: str | None) -> str:
+    """The video handling a model needs, from its config's ``model_type``: Qwen3-VL (dense
+    and MoE) or the Qwen2/2.5-VL default."""
+    return QWEN3_VL if (model_type or "").startswith("qwen3_vl") else QWEN2_5_VL
+
+
+def video_metadata(clip: Clip, family: str = QWEN2_5_VL) -> dict[str, Any]:
+    """Metadata for the ``(frames, metadata)`` tuple, per model family.
+
+    Qwen2.5-VL: :meth:`Clip.vllm_metadata` (the clip in its own frame numbering, so that
+    the sampling rate drives the temporal position ids). Qwen3-VL writes each frame pair's
+    time into the prompt (``<12.5 seconds>``), as ``frames_indices / fps``: so the clip is
+    described in the source's numbering and rate, and a window of a long video gets its
+    times in the whole video rather than from 0."""
+    if family != QWEN3_VL:
+        return clip.vllm_metadata()
+    facts = clip.facts
+    if facts.source_fps <= 0 or not clip.frame_indices:
+        raise ValueError(f"Qwen3-VL needs the source frame rate and frame numbers, got "
+                         f"fps={facts.source_fps} and {len(clip.frame_indices)} indices")
+    indices = [int(i) for i in clip.frame_indices]
+    return {
+        "fps": float(facts.source_fps),
+        "duration": float(facts.duration_s),
+        "total_num_frames": max(int(facts.total_frames), indices[-1] + 1),
+        "frames_indices": indices,
+        "video_backend": "pyav",
+        "do_sample_frames": False,
+    }

@@ -15,6 +15,7 @@ from pathlib import Path
 
 # The folder name matters: tools pick Qwen2.5-VL code paths by model name.
 TINY_MODEL_DIRNAME = "qwen2.5-vl-tiny"
+TINY_QWEN3_VL_DIRNAME = "qwen3-vl-tiny"
 # Above the seed's max_model_len (51200), so the seed's settings are accepted unchanged.
 TINY_MAX_POSITION_EMBEDDINGS = 65536
 # Frames are resized by the processor only outside these bounds (56x56 .. 224x224).
@@ -148,6 +149,74 @@ def build_tiny_model(parent_dir: str | Path, *,
         os.replace(tmp, out)
     except OSError:
         # Another process finished first; its copy is identical.
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def build_tiny_qwen3_vl(parent_dir: str | Path, *,
+                        max_position_embeddings: int = TINY_MAX_POSITION_EMBEDDINGS) -> Path:
+    """A tiny random-weight Qwen3-VL in ``parent_dir/qwen3-vl-tiny`` (reused if complete):
+    Qwen3's text model with interleaved M-RoPE, the Qwen3-VL vision tower (patch 16, learned
+    position embeddings, one DeepStack layer) and ``Qwen3VLProcessor``, which writes each
+    frame pair's timestamp into the prompt. Same tokenizer as the Qwen2.5-VL one."""
+    out = Path(parent_dir) / TINY_QWEN3_VL_DIRNAME
+    if (out / ".complete").exists():
+        return out
+    import torch
+    from transformers import (
+        Qwen2VLImageProcessor,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+    )
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
+    tokenizer = _build_tokenizer(tmp, max_position_embeddings)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        max_position_embeddings=max_position_embeddings,
+        # Qwen3-VL's [24, 20, 20] for head_dim 128, scaled to head_dim 32.
+        rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
+                         "mrope_section": [6, 5, 5], "mrope_interleaved": True},
+        pad_token_id=ids["<|endoftext|>"], dtype="float32")
+    vision = dict(
+        depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16,
+        temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=128,
+        num_position_embeddings=256, deepstack_visual_indexes=[1])
+    config = Qwen3VLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    config.bos_token_id = config.text_config.bos_token_id = ids["<|endoftext|>"]
+    config.eos_token_id = config.text_config.eos_token_id = ids["<|im_end|>"]
+    torch.manual_seed(TINY_SEED)
+    model = Qwen3VLForConditionalGeneration(config).to(torch.float32).eval()
+    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.generation_config.do_sample = False
+    model.save_pretrained(tmp, safe_serialization=True)
+
+    # Patch 16, merge 2: sizes are multiples of 32. Per-frame bounds as for Qwen2.5-VL.
+    image_bounds = dict(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS,
+                        patch_size=16, temporal_patch_size=2, merge_size=2)
+    video_size = {"shortest_edge": 64 * 64, "longest_edge": TINY_MAX_PIXELS * 64}
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**image_bounds),
+        video_processor=Qwen3VLVideoProcessor(size=video_size, patch_size=16,
+                                              temporal_patch_size=2, merge_size=2),
+        tokenizer=tokenizer, chat_template=QWEN2_VL_CHAT_TEMPLATE)
+    processor.save_pretrained(tmp)
+    (tmp / "tiny_model.json").write_text(json.dumps({"random_weights": True, "seed": TINY_SEED,
+                                                     "family": "qwen3_vl"}))
+    (tmp / ".complete").touch()
+    try:
+        os.replace(tmp, out)
+    except OSError:
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)
     return out

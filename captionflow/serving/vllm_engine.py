@@ -34,7 +34,13 @@ from captionflow.serving.engine_setup import (
     plan_engine,
     prepare_vllm_environment,
 )
-from captionflow.serving.prompt import build_messages, render_prompt, video_metadata
+from captionflow.serving.prompt import (
+    QWEN2_5_VL,
+    build_messages,
+    model_family,
+    render_prompt,
+    video_metadata,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +82,8 @@ class VllmBackend(CaptionBackend):
         self._prompt_cache: dict[tuple[str | None, int, bool], str] = {}
         # Generation-config stop ids other than the tokenizer's EOS (set at start).
         self._extra_stop_ids: tuple[int, ...] = ()
+        # Video metadata and timestamps differ by model family (prompt.video_metadata).
+        self._family = QWEN2_5_VL
 
     @property
     def engine(self) -> Any:
@@ -105,6 +113,8 @@ class VllmBackend(CaptionBackend):
                                   f"{type(e).__name__}: {e}") from e
         self._tokenizer = self._engine.get_tokenizer()
         self._extra_stop_ids = self._generation_stop_ids()
+        self._family = model_family(
+            getattr(self._engine.model_config.hf_config, "model_type", None))
         self._watchdog = asyncio.create_task(self._watch(), name="vllm-engine-watchdog")
         log.info("vLLM engine ready: model=%s max_model_len=%d", self.settings.model,
                  self.settings.max_model_len)
@@ -220,7 +230,7 @@ class VllmBackend(CaptionBackend):
         media: dict[str, Any] = {}
         if request.clip is not None:
             try:
-                metadata = video_metadata(request.clip)
+                metadata = video_metadata(request.clip, self._family)
             except ValueError as e:
                 raise InvalidRequestError(str(e)) from e
             media["video"] = (request.clip.frames, metadata)
