@@ -108,7 +108,7 @@ async def start_producer(kafka: KafkaSettings, *, client_suffix: str) -> AIOKafk
             log.warning(
                 "Kafka at %s cannot give producers an id (InitProducerId answered %s), so "
                 "captionflow produces without idempotence there: a retried send may be "
-                "duplicated (consumers dedupe on the event id). Set kafka.enable_idempotence="
+                "duplicated (the event id lets consumers drop it). Set kafka.enable_idempotence="
                 "false to say so and silence this; true makes it a start-up error",
                 kafka.bootstrap_servers, _describe(e))
             return await start_producer(kafka, client_suffix=client_suffix)
