@@ -204,6 +204,8 @@ def subscribe(
             timeout_s=timeout, group_id=group))
     except KeyboardInterrupt:
         return
+    except CaptionflowError as e:  # start_client named the cause
+        raise fail(e) from e
     except (KafkaError, OSError) as e:
         raise fail(asyncio.run(start_error(e, settings.kafka, client="subscriber"))) from e
     finally:

@@ -42,7 +42,7 @@ from captionflow.errors import (
     FatalError,
     OutputTooLargeError,
 )
-from captionflow.kafka import make_consumer
+from captionflow.kafka import make_consumer, start_client
 from captionflow.metrics import Metrics
 from captionflow.serving.base import CaptionBackend
 from captionflow.video.source import FrameSource
@@ -166,11 +166,7 @@ class Worker:
                 on_assigned=self._assigned, on_revoked=self._revoked, on_lost=self._lost,
                 is_lost=self._membership_lost, metrics=self.metrics)
             consumer.subscribe([s.topics.input], listener=self._rebalance)
-            try:
-                await consumer.start()
-            except (KafkaError, OSError) as e:
-                raise BrokerUnavailableError(
-                    f"consumer cannot reach Kafka at {s.kafka.bootstrap_servers}: {e}") from e
+            await start_client(consumer, s.kafka, role="worker consumer")
             stack.push_async_callback(consumer.stop)
             background = [
                 asyncio.create_task(self._committer.run(), name="captionflow-commit"),

@@ -11,7 +11,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from captionflow.config import KafkaSettings
-from captionflow.kafka import make_consumer
+from captionflow.kafka import make_consumer, start_client
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ async def subscribe(kafka: KafkaSettings, topics: Sequence[str], *,
     else:
         consumer = make_consumer(kafka, *topics, client_suffix="-subscriber", group_id=group_id,
                                  enable_auto_commit=False, auto_offset_reset=reset)
-    await consumer.start()
+    await start_client(consumer, kafka, role="subscriber")
     seen = 0
     try:
         if group_id is None:
