@@ -120,4 +120,8 @@ def resumed_row(row: dict[str, Any], prev: dict[str, Any], keys: RowKeys) -> dic
     out = {k: v for k, v in row.items() if k != ERROR_KEY}
     out[keys.conversation] = prev.get(keys.conversation, row.get(keys.conversation))
     out[keys.output] = prev[keys.output]
+    for key, value in prev.items():
+        # The caption's own fields (caption_status, caption_json, captions...).
+        if key.startswith(keys.output) and key not in out:
+            out[key] = value
     return out
