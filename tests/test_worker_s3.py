@@ -11,7 +11,6 @@ import orjson
 import pytest
 
 from captionflow.batch.job import run_file
-from captionflow.config import Settings
 from captionflow.errors import ErrorCode
 from captionflow.producer import Publisher
 from captionflow.schemas import decode_caption_event, decode_dead_letter_event
@@ -92,9 +91,9 @@ async def test_batch_rows_with_s3_references(tmp_path: Path, vllm_backend: Capti
     (tmp_path / "rows.json").write_bytes(orjson.dumps(rows))
     base = batch_settings(tiny_settings, caption_videos[0].parent)
     # Batch mode allows s3:// by itself (the user's own credentials); only the endpoint here.
-    settings = Settings(serving=base.serving, video=base.video.model_copy(update={
+    settings = base.model_copy(update={"video": base.video.model_copy(update={
         "s3_endpoint_url": s3_server.endpoint_url, "s3_addressing_style": "path",
-        "s3_whole_object_max_bytes": 0}))
+        "s3_whole_object_max_bytes": 0})})
     assert "s3" not in settings.video.allowed_schemes
     out_path = tmp_path / "out.json"
     report = await run_file("rows.json", out_path, cache_type="json", settings=settings,
