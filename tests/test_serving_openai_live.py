@@ -75,3 +75,35 @@ async def test_openai_backend_equals_in_process_engine(vllm_backend, openai_serv
         assert got.completion_tokens == want.completion_tokens > 0
         assert got.text == want.text
         assert got.finish_reason == want.finish_reason
+
+
+_SCHEMA = {"type": "object",
+           "properties": {"subject": {"type": "string", "maxLength": 24},
+                          "people": {"type": "integer", "minimum": 0, "maximum": 9},
+                          "setting": {"enum": ["indoor", "outdoor", "unknown"]}},
+           "required": ["subject", "people", "setting"], "additionalProperties": False}
+
+
+async def test_structured_and_text_only_requests_through_the_server(openai_server,
+                                                                    tiny_settings):
+    from captionflow.errors import InvalidRequestError
+    from captionflow.quality import parse_json
+
+    remote = OpenAIBackend(tiny_settings.model_copy(update={"openai_base_url": openai_server,
+                                                            "openai_max_retries": 0}))
+    await remote.start()
+    try:
+        results = await asyncio.gather(*(remote.caption(CaptionRequest(
+            f"json-{i}", synthetic_clip(i), "Describe.",
+            {"max_tokens": 200, "temperature": 1.0, "seed": i}, json_schema=_SCHEMA))
+            for i in range(8)))
+        text_only = await remote.caption(CaptionRequest("summary", None, "Summarize: a cat."))
+        with pytest.raises(InvalidRequestError):
+            await remote.caption(CaptionRequest(
+                "dangling", synthetic_clip(0), "Describe.", json_schema={
+                    "type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}))
+    finally:
+        await remote.close()
+    valid = [parse_json(r.text, _SCHEMA)[0] for r in results]
+    assert all(valid), [r.text for r in results]
+    assert text_only.completion_tokens > 0
