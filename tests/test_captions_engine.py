@@ -202,3 +202,27 @@ async def test_sixty_seconds_in_ten_second_windows_with_a_summary(
     for w in windows:
         assert f"[{w.start_s:.1f}s-{w.end_s:.1f}s]" in prompt_text
     assert result.text == summary.text and result.text != windows[0].caption
+
+
+async def test_batch_rows_get_the_same_fields(vllm_backend: CaptionBackend, tiny_settings: Any,
+                                              video: Path, tmp_path: Path) -> None:
+    from captionflow.batch.job import run_file
+
+    settings = settings_for(tiny_settings, video.parent, quality_gate_retries=0)
+    rows = [{"video": [str(video)], "options": {"prompts": {"a": "One sentence.",
+                                                            "b": "Every detail."}}},
+            {"video": [str(video)], "options": {"json_schema": SCHEMA,
+                                                "sampling": {"max_tokens": 200}}},
+            {"video": [str(video)], "options": {"sampling": {"max_tokens": 8}}}]
+    src, out = tmp_path / "rows.json", tmp_path / "out.json"
+    src.write_bytes(orjson.dumps(rows))
+    report = await run_file(str(src), out, cache_type="json", settings=settings,
+                            backend=vllm_backend)
+    assert report.captioned == 3
+    multi, structured, short = orjson.loads(out.read_bytes())
+    assert list(multi["captions"]) == ["a", "b"] and multi["caption"] == multi["captions"]["a"]
+    assert set(multi["captions_status"]) == {"a", "b"}
+    assert multi["caption_generations"] == 2
+    jsonschema.validate(structured["caption_json"], SCHEMA)
+    assert structured["caption_status"] == "ok"
+    assert short["caption_status"] == "truncated" and "captions" not in short
