@@ -80,9 +80,11 @@ def test_cli_run_captions_good_rows_records_bad_ones_and_resumes(
     out = [orjson.loads(line) for line in out_path.read_bytes().splitlines()]
     assert len(out) == len(rows)
     for i, (row, got) in enumerate(zip(rows, out, strict=True)):
-        # Every input field is kept, in order; only conversation/caption/error change.
+        # Every input field is kept, in order; only conversation/caption/error change, and
+        # a caption brings its own caption_* fields (docs/captions.md).
         assert list(got)[:len(row)] == list(row)
         assert {k: v for k, v in got.items() if k not in ("conversation", "caption", "error")
+                and not k.startswith("caption_")
                 } == {k: v for k, v in row.items() if k != "conversation"}
         if i in bad:
             assert got["caption"] is None
@@ -90,6 +92,8 @@ def test_cli_run_captions_good_rows_records_bad_ones_and_resumes(
             assert got["error"]["message"]
         else:
             assert isinstance(got["caption"], str) and got["caption"], got
+            assert got["caption_status"] in ("ok", "truncated", "repetitive"), got
+            assert got["caption_generations"] >= 1
             assert "error" not in got
             want = "What moves?" if i == 2 else DEFAULT_PROMPT
             assert got["conversation"][0] == {"from": "human", "value": want}
