@@ -93,8 +93,8 @@ class Metrics:
             registry=r)
         self.poison_guard_tripped = Gauge(
             "captionflow_poison_guard_tripped",
-            "1 when the poison guard stopped consumption, labelled with the error code.",
-            ["code"], registry=r)
+            "1 when the poison guard stopped consumption (the code is in /readyz and the log).",
+            registry=r)
         self.outputs_reduced = Counter(
             "captionflow_outputs_reduced_total",
             "Caption events that dropped echoed fields to fit the producer's size limit.",

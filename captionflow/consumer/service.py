@@ -263,7 +263,7 @@ class Worker:
             self._committer.record_done()
         self._progress()
         if self._guard.record(output.error_code):
-            self.metrics.poison_guard_tripped.labels(output.error_code).set(1)
+            self.metrics.poison_guard_tripped.set(1)
         log.debug("%s id=%s -> %s", where(record), output.event_id, output.topic)
 
     async def _publish(self, record: ConsumerRecord[bytes, bytes], output: Output) -> None:

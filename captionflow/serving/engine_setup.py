@@ -45,6 +45,9 @@ def tiny_cpu_settings(model_dir: str | Path, **overrides: Any) -> ServingSetting
     return ServingSettings(**fields)
 
 
+_MAX_RPC_DIR_CHARS = 60
+
+
 def prepare_vllm_environment(work_dir: str | Path | None = None) -> Path:
     """Point vLLM's cache, RPC sockets and temp files into ``work_dir`` (a fresh temp dir
     when None) and bind it to loopback. Variables already set by the operator win.
@@ -55,8 +58,12 @@ def prepare_vllm_environment(work_dir: str | Path | None = None) -> Path:
     for name, sub in (("VLLM_CACHE_ROOT", "cache"), ("VLLM_RPC_BASE_PATH", "rpc"),
                       ("TMPDIR", "tmp")):
         if name not in os.environ:
-            (root / sub).mkdir(parents=True, exist_ok=True)
-            os.environ[name] = str(root / sub)
+            path = root / sub
+            if name == "VLLM_RPC_BASE_PATH" and len(str(path)) > _MAX_RPC_DIR_CHARS:
+                # A unix socket path holds 107 bytes and vLLM adds a 37-character name.
+                path = Path(tempfile.mkdtemp(prefix="cf-rpc-", dir="/tmp"))
+            path.mkdir(parents=True, exist_ok=True)
+            os.environ[name] = str(path)
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
     return root
 
