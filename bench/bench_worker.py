@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 from captionflow.broker import EmbeddedBroker
 from captionflow.config import Settings, TopicSettings
 from captionflow.consumer.service import Worker
@@ -54,7 +56,10 @@ async def main(args: argparse.Namespace) -> None:
                 video={"allowed_roots": (work,), "max_frames": 8, "min_pixels": 28 * 28 * 4,
                        "max_pixels": 224 * 168},
                 worker={"group_id": "bench", "session_timeout_ms": 2000,
-                        "heartbeat_interval_ms": 200, "max_batch_size": args.batch},
+                        "heartbeat_interval_ms": 200, "max_batch_size": args.batch,
+                        # Off: random weights truncate every caption, and the gate would ask
+                        # again for each, which the bare side never does.
+                        "quality_gate_retries": 0},
                 metrics={"enabled": False})
             clips = [load_clips(str(v), settings.video)[0] for v in videos]
             refs = [str(videos[i % len(videos)]) for i in range(args.events)]
@@ -74,12 +79,13 @@ async def main(args: argparse.Namespace) -> None:
             # Time the steady state, not the group join (Tansu holds joins for a second).
             while len(worker._tracker.partitions()) < 4:
                 await asyncio.sleep(0.05)
-            started = time.perf_counter()
+            started, decode_cpu0 = time.perf_counter(), decoder_cpu_s()
             async with Publisher(settings.kafka, topic="b.in") as pub:
                 await pub.publish_inputs(refs, id_from="uuid")
             result = await subscribe(settings.kafka, ["b.out", "b.dlq"], sink=lambda r: None,
                                      count=args.events, timeout_s=600)
             worker_s = time.perf_counter() - started
+            decode_cpu = decoder_cpu_s() - decode_cpu0
             worker.stop()
             await task
     finally:
@@ -90,6 +96,21 @@ async def main(args: argparse.Namespace) -> None:
     print(f"whole worker : {args.events / worker_s:7.2f} events/s ({worker_s:.2f} s, "
           "incl. publish, fetch, decode, Kafka round trips)")
     print(f"ratio worker/bare: {bare_s / worker_s:.2f}")
+    print(f"decoder processes: {decode_cpu:.2f} CPU-s during the worker run, "
+          f"{decode_cpu / (worker_s * (os.cpu_count() or 1)):.0%} of this machine's "
+          f"{os.cpu_count()} cores, taken from the engine")
+
+
+def decoder_cpu_s() -> float:
+    """CPU-seconds of this process's decoder children (captionflow.video.decoder_process)."""
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if any("decoder_process" in part for part in child.cmdline()):
+                total += sum(child.cpu_times()[:2])
+        except psutil.Error:
+            pass
+    return total
 
 
 if __name__ == "__main__":
