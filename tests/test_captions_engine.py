@@ -133,6 +133,12 @@ async def test_three_prompts_three_captions_from_one_decode(
 async def test_twenty_structured_captions_validate(
         vllm_backend: CaptionBackend, tiny_settings: Any, video: Path) -> None:
     settings = settings_for(tiny_settings, video.parent, quality_gate_retries=0)
+    # Only the tokenizer's EOS, which the grammar allows where the JSON is complete, may end
+    # a structured caption: the generation config's other stop id is banned.
+    tokenizer = vllm_backend.engine.get_tokenizer()
+    params = vllm_backend.sampling_params({}, SCHEMA)
+    assert params.logit_bias == {tokenizer.convert_tokens_to_ids("<|endoftext|>"): -100.0}
+    assert vllm_backend.sampling_params({}).logit_bias is None
     events = [{"id": f"j{i}", "video": str(video),
                "options": {"json_schema": SCHEMA,
                            "sampling": {"max_tokens": 200, "temperature": 1.0, "seed": i}}}
