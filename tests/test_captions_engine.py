@@ -208,6 +208,12 @@ async def test_sixty_seconds_in_ten_second_windows_with_a_summary(
     for w in windows:
         assert f"[{w.start_s:.1f}s-{w.end_s:.1f}s]" in prompt_text
     assert result.text == summary.text and result.text != windows[0].caption
+    # What the caption event carries: the summary in `caption`, each window with its status.
+    fields = result.quality_fields()
+    assert fields["summarized"] is True and fields["generations"] == 7
+    assert fields["status"] == summary.status
+    assert all(w.status in ("ok", "truncated", "repetitive", "empty") and w.generations == 1
+               for w in windows)
 
 
 async def test_batch_rows_get_the_same_fields(vllm_backend: CaptionBackend, tiny_settings: Any,
