@@ -78,8 +78,11 @@ async def run_demo(*, work_dir: Path, model: str | None, videos: int, max_tokens
             video=VideoSettings(allowed_roots=(samples[0].parent,), max_frames=8,
                                 min_pixels=28 * 28 * 4,
                                 max_pixels=224 * 168),
+            # Random weights truncate every caption, so the quality gate would only ask
+            # again for nothing; a real checkpoint keeps the service's gate.
             worker=WorkerSettings(group_id="captionflow-demo", session_timeout_ms=2000,
-                                  heartbeat_interval_ms=200, commit_interval_ms=200),
+                                  heartbeat_interval_ms=200, commit_interval_ms=200,
+                                  **({"quality_gate_retries": 0} if tiny else {})),
             metrics=MetricsSettings(host="127.0.0.1", port=0))
         metrics = Metrics.fresh()
         worker = Worker(settings, metrics=metrics)
