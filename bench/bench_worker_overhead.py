@@ -16,7 +16,7 @@ process and its decoder children) and the mean time per stage. The stand-in live
 here: it is a yardstick, never a test's backend. The quality gate is off (it measures
 throughput; the stand-in's captions would pass it anyway).
 
-    .venv/bin/python bench/bench_worker_overhead.py --loads 8 32 128 --latency-s 8
+    .venv/bin/python bench/bench_worker_overhead.py --loads 8 32 128 --latency-s 4
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--loads", type=int, nargs="+", default=[8, 32, 128])
-    parser.add_argument("--latency-s", type=float, default=8.0)
+    parser.add_argument("--latency-s", type=float, default=4.0)
     parser.add_argument("--waves", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--videos", type=int, default=8)
