@@ -18,11 +18,10 @@ import argparse
 import asyncio
 import os
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import psutil
+from _common import engine_work_dir, sample_videos, tree_rss_bytes
 
 from captionflow.broker import EmbeddedBroker
 from captionflow.config import Settings, TopicSettings
@@ -30,34 +29,16 @@ from captionflow.consumer.service import Worker
 from captionflow.consumer.subscriber import subscribe
 from captionflow.metrics import Metrics
 from captionflow.producer import Publisher
-from captionflow.samples import SCENES, make_sample_video
 from captionflow.schemas.codec import parse_json
-from captionflow.serving.engine_setup import prepare_vllm_environment, tiny_cpu_settings
-from captionflow.serving.tiny_model import build_tiny_model
 
 
 def rss_mib(process: psutil.Process, *, children: bool) -> float:
-    procs = [process] + (process.children(recursive=True) if children else [])
-    total = 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total / 2**20
+    return tree_rss_bytes(process, children=children) / 2**20
 
 
 async def main(args: argparse.Namespace) -> int:
-    work = Path(tempfile.mkdtemp(prefix="cf-soak-"))
-    os.environ.setdefault("VLLM_RPC_BASE_PATH", tempfile.mkdtemp(prefix="cf-rpc-"))
-    prepare_vllm_environment(work / "vllm")
-    model = args.model or str(build_tiny_model(work / "models"))
-    serving = tiny_cpu_settings(model, temperature=0.0, max_tokens=args.max_tokens)
-    videos = []
-    for i in range(args.videos):
-        _, background, square = SCENES[i % len(SCENES)]
-        shifted = tuple((c + 37 * i) % 256 for c in background)
-        videos.append(make_sample_video(work / f"v{i}.mp4", shifted, square))  # type: ignore[arg-type]
+    work, serving = engine_work_dir("cf-soak-", args.model, max_tokens=args.max_tokens)
+    videos = sample_videos(work, args.videos)
     from captionflow.serving.vllm_engine import VllmBackend
 
     me = psutil.Process()

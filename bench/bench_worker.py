@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import tempfile
 import time
-from pathlib import Path
 
 import psutil
+from _common import engine_work_dir, sample_videos
 
 from captionflow.broker import EmbeddedBroker
 from captionflow.config import Settings, TopicSettings
@@ -25,24 +24,13 @@ from captionflow.consumer.service import Worker
 from captionflow.consumer.subscriber import subscribe
 from captionflow.metrics import Metrics
 from captionflow.producer import Publisher
-from captionflow.samples import SCENES, make_sample_video
 from captionflow.serving.base import CaptionRequest
-from captionflow.serving.engine_setup import prepare_vllm_environment, tiny_cpu_settings
-from captionflow.serving.tiny_model import build_tiny_model
 from captionflow.video.source import load_clips
 
 
 async def main(args: argparse.Namespace) -> None:
-    work = Path(tempfile.mkdtemp(prefix="cf-bench-"))
-    os.environ.setdefault("VLLM_RPC_BASE_PATH", tempfile.mkdtemp(prefix="cf-rpc-"))
-    prepare_vllm_environment(work / "vllm")
-    model = args.model or str(build_tiny_model(work / "models"))
-    serving = tiny_cpu_settings(model, temperature=0.0, max_tokens=args.max_tokens)
-    videos = []
-    for i in range(args.videos):
-        _, background, square = SCENES[i % len(SCENES)]
-        shifted = tuple((c + 37 * i) % 256 for c in background)
-        videos.append(make_sample_video(work / f"v{i}.mp4", shifted, square))  # type: ignore[arg-type]
+    work, serving = engine_work_dir("cf-bench-", args.model, max_tokens=args.max_tokens)
+    videos = sample_videos(work, args.videos)
     from captionflow.serving.vllm_engine import VllmBackend
 
     backend = VllmBackend(serving)
