@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from functools import partial
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 from captionflow.errors import EngineDeadError
 from captionflow.serving.base import CaptionRequest, CaptionResult
