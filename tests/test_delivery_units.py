@@ -152,6 +152,16 @@ async def test_gate_pauses_until_the_dependency_answers_then_releases_every_wait
     await gate.close()
 
 
+async def test_gate_check_forgives_one_blip_but_not_two() -> None:
+    answers = [False, True, False, False]
+    gate = DependencyGate({Dependency.BROKER: _probe(answers)}, probe_timeout_s=1,
+                          backoff_initial_ms=1000, backoff_max_ms=1000)
+    assert await gate.check(Dependency.BROKER) is True and gate.down() == {}
+    assert await gate.check(Dependency.BROKER) is False
+    assert Dependency.BROKER in gate.down()
+    await gate.close()
+
+
 async def test_gate_counts_a_hanging_probe_as_down() -> None:
     async def hang() -> bool:
         await asyncio.sleep(60)

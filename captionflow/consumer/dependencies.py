@@ -112,9 +112,11 @@ class DependencyGate:
         state = self._states[dependency]
         if state.down_since is not None:
             return False  # its prober owns it until it answers
-        ok = await self._probe(dependency)
+        # Nothing has failed yet, so one failed probe may be a blip (a dropped connection
+        # under load): a second one decides, which keeps readiness from flapping.
+        ok = await self._probe(dependency) or await self._probe(dependency)
         if not ok:
-            self.mark_down(dependency, f"{dependency} did not answer its probe")
+            self.mark_down(dependency, f"{dependency} did not answer two probes")
         return ok
 
     async def close(self) -> None:

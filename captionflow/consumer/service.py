@@ -80,6 +80,7 @@ class Worker:
         self._pipeline: RecordPipeline | None = None
         self._rebalance: RebalanceHandler | None = None
         self._http: HealthServer | None = None
+        self.frames: FrameSource | None = None  # its decoder pool, once running
         self.started = asyncio.Event()  # set once the consumer has joined and polls
 
     # --- control ---------------------------------------------------------------------------
@@ -130,7 +131,7 @@ class Worker:
             model = str(backend.model_info().get("model", s.serving.model))
             self.metrics.info.labels(captionflow.__version__, s.serving.backend, model,
                                      s.worker.group_id).set(1)
-            frames = FrameSource(s.video)
+            frames = self.frames = FrameSource(s.video)
             stack.push_async_callback(frames.close)
             self._publisher = OutputPublisher(s.kafka)
             await self._publisher.start()
