@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from _common import tree_rss_bytes
 
 CLIP_DIR = Path(tempfile.gettempdir()) / "captionflow-bench-batch-clips"
 
@@ -179,17 +180,7 @@ def measure(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str]:
         nonlocal peak
         root = psutil.Process(proc.pid)
         while not done.is_set():
-            try:
-                procs = [root, *root.children(recursive=True)]
-            except psutil.Error:
-                break
-            total = 0
-            for p in procs:
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-            peak = max(peak, total)
+            peak = max(peak, tree_rss_bytes(root))
             done.wait(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
