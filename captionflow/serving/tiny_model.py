@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 # The folder name matters: tools pick Qwen2.5-VL code paths by model name.
 TINY_MODEL_DIRNAME = "qwen2.5-vl-tiny"
@@ -94,7 +95,6 @@ def build_tiny_model(parent_dir: str | Path, *,
     out = Path(parent_dir) / TINY_MODEL_DIRNAME
     if (out / ".complete").exists():
         return out
-    import torch
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
@@ -128,12 +128,7 @@ def build_tiny_model(parent_dir: str | Path, *,
         **{k: text[k] for k in ("vocab_size", "hidden_size", "bos_token_id", "eos_token_id",
                                 "pad_token_id", "max_position_embeddings")})
     config.vision_token_id = ids["<|vision_pad|>"]
-    torch.manual_seed(TINY_SEED)
-    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
-    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.generation_config.do_sample = False
-    model.save_pretrained(tmp, safe_serialization=True)
+    _save_random_model(Qwen2_5_VLForConditionalGeneration, config, ids, tmp)
 
     pixel_bounds = dict(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS,
                         patch_size=14, temporal_patch_size=2, merge_size=2)
@@ -143,15 +138,7 @@ def build_tiny_model(parent_dir: str | Path, *,
         video_processor=Qwen2VLVideoProcessor(**pixel_bounds, cap_pixels_per_frame=True),
         tokenizer=tokenizer, chat_template=QWEN2_VL_CHAT_TEMPLATE)
     processor.save_pretrained(tmp)
-    (tmp / "tiny_model.json").write_text(json.dumps({"random_weights": True, "seed": TINY_SEED}))
-    (tmp / ".complete").touch()
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        # Another process finished first; its copy is identical.
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return _publish(tmp, out, {"random_weights": True, "seed": TINY_SEED})
 
 
 def build_tiny_qwen3_vl(parent_dir: str | Path, *,
@@ -163,7 +150,6 @@ def build_tiny_qwen3_vl(parent_dir: str | Path, *,
     out = Path(parent_dir) / TINY_QWEN3_VL_DIRNAME
     if (out / ".complete").exists():
         return out
-    import torch
     from transformers import (
         Qwen2VLImageProcessor,
         Qwen3VLConfig,
@@ -194,12 +180,7 @@ def build_tiny_qwen3_vl(parent_dir: str | Path, *,
         vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
     config.bos_token_id = config.text_config.bos_token_id = ids["<|endoftext|>"]
     config.eos_token_id = config.text_config.eos_token_id = ids["<|im_end|>"]
-    torch.manual_seed(TINY_SEED)
-    model = Qwen3VLForConditionalGeneration(config).to(torch.float32).eval()
-    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.generation_config.do_sample = False
-    model.save_pretrained(tmp, safe_serialization=True)
+    _save_random_model(Qwen3VLForConditionalGeneration, config, ids, tmp)
 
     # Patch 16, merge 2: sizes are multiples of 32. Per-frame bounds as for Qwen2.5-VL.
     image_bounds = dict(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS,
@@ -211,12 +192,31 @@ def build_tiny_qwen3_vl(parent_dir: str | Path, *,
                                               temporal_patch_size=2, merge_size=2),
         tokenizer=tokenizer, chat_template=QWEN2_VL_CHAT_TEMPLATE)
     processor.save_pretrained(tmp)
-    (tmp / "tiny_model.json").write_text(json.dumps({"random_weights": True, "seed": TINY_SEED,
-                                                     "family": "qwen3_vl"}))
+    return _publish(tmp, out, {"random_weights": True, "seed": TINY_SEED,
+                               "family": "qwen3_vl"})
+
+
+def _save_random_model(model_class: Any, config: Any, ids: dict[str, int], tmp: Path) -> None:
+    """Seeded random weights in float32, greedy by default, stopping on either end token."""
+    import torch
+
+    torch.manual_seed(TINY_SEED)
+    model = model_class(config).to(torch.float32).eval()
+    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.generation_config.do_sample = False
+    model.save_pretrained(tmp, safe_serialization=True)
+
+
+def _publish(tmp: Path, out: Path, facts: dict[str, Any]) -> Path:
+    """Mark the build in ``tmp`` complete and rename it to ``out`` in one step."""
+    (tmp / "tiny_model.json").write_text(json.dumps(facts))
     (tmp / ".complete").touch()
     try:
         os.replace(tmp, out)
     except OSError:
+        # Another process finished first; its copy is identical.
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
