@@ -176,7 +176,13 @@ class VideoSettings(_Section):
     decode_workers: int = Field(2, ge=1)
     # Address space (RLIMIT_AS) of each decoder process; over it -> decode_out_of_memory.
     # 0 = no limit. Covers the interpreter, PyAV's libraries, codec threads and the frames.
+    # With a GPU decode_device it bounds the data segment (RLIMIT_DATA) instead: the CUDA
+    # driver reserves far more address space than it ever touches.
     decode_memory_limit_bytes: int = Field(4 * 1024**3, ge=0)
+    # Where the codec runs: "cpu" (FFmpeg's software decoders), or "cuda" / "cuda:N" (NVDEC
+    # through FFmpeg's CUDA hwaccel in PyAV's own wheel; frames come back to host memory
+    # and are scaled on the CPU as before). Same sampling either way (docs/video.md).
+    decode_device: str = Field("cpu", pattern=r"^(cpu|cuda(:[0-9]+)?)$")
     # One probe or window decode past this -> its process is killed, decode_timeout.
     decode_timeout_s: float = Field(600.0, gt=0)
     # Budgets checked from the container/stream headers before demuxing and again while

@@ -41,6 +41,7 @@ class ErrorCode(StrEnum):
     DECODE_CRASHED = "decode_crashed"
     DECODE_OUT_OF_MEMORY = "decode_out_of_memory"
     DECODE_TIMEOUT = "decode_timeout"
+    DECODE_DEVICE_UNAVAILABLE = "decode_device_unavailable"
     # Captioning
     PROMPT_TOO_LONG = "prompt_too_long"
     INVALID_REQUEST = "invalid_request"
@@ -317,6 +318,13 @@ class EngineStalledError(FatalError):
     """Requests were in flight and no token came back for ``worker.engine_stall_exit_s``."""
 
     code = ErrorCode.ENGINE_STALLED
+
+
+class DecodeDeviceUnavailableError(FatalError):
+    """``video.decode_device`` names a GPU that FFmpeg cannot open (no driver, no device,
+    no NVDEC). Checked once when the worker or batch run starts, before any record."""
+
+    code = ErrorCode.DECODE_DEVICE_UNAVAILABLE
 
 
 class PublishFailedError(FatalError):

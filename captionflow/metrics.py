@@ -62,6 +62,11 @@ class Metrics:
             "captionflow_video_read_bytes",
             "Bytes fetched over the network per event (object store ranges or a download); "
             "local files are not counted.", buckets=BYTES_BUCKETS, registry=r)
+        self.decode_device_fallbacks = Counter(
+            "captionflow_decode_device_fallbacks_total",
+            "Clips that a GPU video.decode_device did not decode, so the CPU did, by reason: "
+            "device_unavailable, codec_unsupported, hw_decode_failed.", ["reason"],
+            registry=r)
         self.captions = Counter(
             "captionflow_captions_total",
             "Captions generated, by status (ok, truncated, repetitive, empty, invalid_json): "

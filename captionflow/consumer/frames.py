@@ -19,16 +19,18 @@ def timed_clips(frames: FrameSource, metrics: Metrics,
         stream = await frames.open(reference, dict(overrides))
         metrics.stage_seconds.labels("fetch").observe(stream.fetch_s)
         decode.observe(stream.probe_s)
-        return _TimedStream(stream, decode.observe)
+        return _TimedStream(stream, decode.observe, metrics)
     return clips
 
 
 class _TimedStream:
     """A :class:`ClipStream` that reports each window's decode time."""
 
-    def __init__(self, stream: ClipStream, observe: Callable[[float], None]) -> None:
+    def __init__(self, stream: ClipStream, observe: Callable[[float], None],
+                 metrics: Metrics) -> None:
         self._stream = stream
         self._observe = observe
+        self._metrics = metrics
 
     @property
     def count(self) -> int:
@@ -41,6 +43,8 @@ class _TimedStream:
     async def clip(self, index: int) -> Clip:
         clip = await self._stream.clip(index)
         self._observe(float(clip.extra.get("decode_s", 0.0)))
+        if clip.extra.get("device_fallback"):
+            self._metrics.decode_device_fallbacks.labels(clip.extra["device_fallback"]).inc()
         return clip
 
     async def aclose(self) -> None:

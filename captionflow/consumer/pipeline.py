@@ -169,4 +169,13 @@ def _video_info(clips: list[Clip]) -> VideoInfo:
         frame_width=int(first.frames.shape[2]), frame_height=int(first.frames.shape[1]),
         # Each clip carries the event's running total (captionflow.video.source).
         bytes_read=max((c.extra["bytes_read"] for c in clips if "bytes_read" in c.extra),
-                       default=None))
+                       default=None),
+        decode_device=_decode_device(clips))
+
+
+def _decode_device(clips: list[Clip]) -> str | None:
+    """The event's decode device; "cpu" when any window fell back to it."""
+    devices = {str(c.extra["decode_device"]) for c in clips if "decode_device" in c.extra}
+    if not devices:
+        return None
+    return "cpu" if "cpu" in devices else devices.pop()

@@ -121,6 +121,11 @@ class Worker:
                 self._http.start()
                 stack.callback(self._http.close)
                 log.info("metrics and health on http://%s:%d", s.metrics.host, self._http.port)
+            # Before the engine: a GPU decode device that cannot be opened is found in a
+            # second, not after minutes of loading weights.
+            frames = self.frames = FrameSource(s.video)
+            stack.push_async_callback(frames.close)
+            await frames.start()
             if self._backend is None:
                 from captionflow.serving.factory import make_backend
                 self._backend = make_backend(s.serving, s.video)
@@ -131,8 +136,6 @@ class Worker:
             model = str(backend.model_info().get("model", s.serving.model))
             self.metrics.info.labels(captionflow.__version__, s.serving.backend, model,
                                      s.worker.group_id).set(1)
-            frames = self.frames = FrameSource(s.video)
-            stack.push_async_callback(frames.close)
             self._publisher = OutputPublisher(s.kafka)
             await self._publisher.start()
             stack.push_async_callback(self._publisher.close)

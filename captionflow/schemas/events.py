@@ -197,6 +197,9 @@ class VideoInfo(_Model):
     bytes_read: int | None = Field(
         None, description="Bytes fetched over the network for this video (object-store "
         "ranges or a download); absent for local files.")
+    decode_device: str | None = Field(
+        None, description="Where the sampled frames were decoded: \"cpu\", or the GPU "
+        "(\"cuda\", \"cuda:N\") named by video.decode_device.")
 
 
 class StageTimings(_Model):

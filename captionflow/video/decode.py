@@ -16,6 +16,15 @@ If the fast path misses a frame (a stream whose index lies), the missing frames 
 again linearly, without skipping or seeking; only frames the codec cannot produce at all
 make the video unreadable.
 
+On a GPU ``device`` ("cuda", "cuda:N") the same loop runs with FFmpeg's CUDA hwaccel: NVDEC
+decodes, PyAV downloads each output frame (NV12) to host memory, and libswscale scales it
+as on the CPU path, so the sampling, skipping, seeking and budgets are the same code. The
+CPU decoders take over, and ``stats.device_fallback`` says why, when the device cannot be
+opened (``device_unavailable``), the codec has no NVDEC decoder (``codec_unsupported``: the
+software decoder runs in the same pass), or NVDEC fails on the stream or misses a frame
+(``hw_decode_failed``: every frame is decoded again on the CPU, so one clip never mixes
+the two decoders' output).
+
 Budgets (``video.max_source_pixels``, ``max_source_frames``, ``max_probe_packets``,
 ``max_duration_s``) are checked from the headers before demuxing, again while demuxing (a
 header can lie), and the picture size once more on every decoded frame. The probe keeps
@@ -34,8 +43,10 @@ from pathlib import Path
 import av
 import av.error
 import numpy as np
+from av.codec.hwaccel import HWAccel
 
 from captionflow.errors import (
+    DecodeDeviceUnavailableError,
     DecodeOutOfMemoryError,
     VideoEmptyError,
     VideoResolutionTooLargeError,
@@ -93,6 +104,46 @@ class DecodeStats:
     linear_fallback: bool = False
     rotation_deg: int = 0
     bytes_read: int = 0  # fetched from an object store by this decode (0 for a local file)
+    device: str = "cpu"  # where the frames handed back were decoded
+    # Why a GPU decode_device did not decode them: device_unavailable, codec_unsupported,
+    # hw_decode_failed ("" when it did, or when the CPU was asked for).
+    device_fallback: str = ""
+
+
+class _DeviceUnavailable(Exception):
+    """FFmpeg could not open the hwaccel device for this video."""
+
+
+class _NoDeviceDecoder(Exception):
+    """The device has no decoder for this video's codec."""
+
+
+def hwaccel_for(device: str) -> HWAccel | None:
+    """The PyAV hwaccel for ``video.decode_device`` (None for "cpu")."""
+    if device == "cpu":
+        return None
+    kind, _, ordinal = device.partition(":")
+    # Software fallback off: a stream NVDEC cannot take must fail the GPU pass, so that it
+    # is decoded again on the CPU and counted, not silently mixed. primary_ctx: every open
+    # shares the device's primary CUDA context instead of creating its own (~0.1 s each).
+    return HWAccel(kind, device=ordinal or None, allow_software_fallback=False,
+                   options={"primary_ctx": "1"})
+
+
+def check_device(device: str) -> HWAccel | None:
+    """Open ``device`` once, as a decode would (for H.264, which every NVDEC has); raise
+    ``decode_device_unavailable`` when FFmpeg cannot. Holding the returned context keeps
+    the device's primary context alive, so later opens attach to it cheaply."""
+    hw = hwaccel_for(device)
+    if hw is None:
+        return None
+    try:
+        return hw.create(av.Codec("h264", "r"))
+    except (av.error.FFmpegError, NotImplementedError, ValueError) as e:
+        raise DecodeDeviceUnavailableError(
+            f"video.decode_device={device}: FFmpeg could not open the device ({e}); check "
+            "the NVIDIA driver (nvidia-smi) and that the device is visible to this process, "
+            "or set video.decode_device=cpu") from e
 
 
 def _bytes_read(path: Path | RemoteVideo) -> int:
@@ -108,18 +159,27 @@ def _index_keyframe_positions(path: Path | RemoteVideo, stream: av.VideoStream) 
     return {entry.pos for entry in stream.index_entries if entry.is_keyframe}
 
 
-def _open(path: Path | RemoteVideo, *, index_only: bool = False) -> av.container.InputContainer:
+def _open(path: Path | RemoteVideo, *, index_only: bool = False,
+          hwaccel: HWAccel | None = None) -> av.container.InputContainer:
     # A RemoteVideo (object store) is read in ranges through a Python file object.
     target = str(path) if isinstance(path, Path) else path.open(index_only=index_only)
     try:
-        return av.open(target, metadata_errors="ignore")
-    except av.error.EOFError as e:
-        raise VideoEmptyError(
-            f"{path.name} ends before its first frame; send a video with frames in it") from e
+        return av.open(target, metadata_errors="ignore", hwaccel=hwaccel)
     except av.error.FFmpegError as e:
+        if hwaccel is not None:
+            # The device, not the file: the CPU pass opens it again and says what is wrong
+            # with the file, if anything is.
+            raise _DeviceUnavailable(str(e)) from e
+        if isinstance(e, av.error.EOFError):
+            raise VideoEmptyError(
+                f"{path.name} ends before its first frame; send a video with frames in it") from e
         raise VideoUnreadableError(
             f"{path.name} is not a readable video container ({e.strerror or e}); "
             "check the file is complete and in a format FFmpeg can read") from e
+    except RuntimeError as e:
+        if hwaccel is not None:
+            raise _NoDeviceDecoder(str(e)) from e  # PyAV: "no stream is compatible"
+        raise
 
 
 def _video_stream(container: av.container.InputContainer, path: Path) -> av.VideoStream:
@@ -247,7 +307,7 @@ Alloc = Callable[[tuple[int, ...]], np.ndarray]
 
 def decode_frames(path: Path | RemoteVideo, index: VideoIndex, frame_indices: list[int], *,
                   height: int, width: int, threads: int = 0,
-                  max_source_pixels: int | None = None,
+                  max_source_pixels: int | None = None, device: str = "cpu",
                   alloc: Alloc | None = None) -> tuple[np.ndarray, DecodeStats]:
     """Decode ``frame_indices`` (sorted, repeats allowed) of ``path`` scaled to
     ``height`` x ``width`` (coded orientation), as uint8 RGB ``(T, H, W, 3)`` turned upright.
@@ -255,7 +315,8 @@ def decode_frames(path: Path | RemoteVideo, index: VideoIndex, frame_indices: li
     The rotation comes from the first decoded frame's display matrix and is returned in
     ``stats.rotation_deg``; a quarter turn swaps the output's height and width. ``alloc``
     makes the output array (e.g. in shared memory); a decoded frame larger than
-    ``max_source_pixels`` raises ``video_resolution_too_large``.
+    ``max_source_pixels`` raises ``video_resolution_too_large``. ``device`` is
+    ``video.decode_device`` (see the module docstring for the GPU path and its fallbacks).
     """
     wanted = sorted(set(frame_indices))
     target_pts = [int(index.pts[i]) for i in wanted]
@@ -263,7 +324,10 @@ def decode_frames(path: Path | RemoteVideo, index: VideoIndex, frame_indices: li
     bytes_before = _bytes_read(path)
     got: dict[int, np.ndarray] = {}
     opts = _Options(height, width, threads, max_source_pixels, path.name)
-    _decode_into(path, index, target_pts, got, stats, opts, fast=True)
+    if device != "cpu":
+        _decode_on_device(path, index, target_pts, got, stats, opts, device)
+    if not got:
+        _decode_into(path, index, target_pts, got, stats, opts, fast=True)
     missing = [p for p in target_pts if p not in got]
     if missing:
         stats.linear_fallback = True
@@ -286,6 +350,27 @@ def decode_frames(path: Path | RemoteVideo, index: VideoIndex, frame_indices: li
     return out, stats
 
 
+def _decode_on_device(path: Path, index: VideoIndex, target_pts: list[int],
+                      got: dict[int, np.ndarray], stats: DecodeStats, opts: _Options,
+                      device: str) -> None:
+    """The fast pass on ``device``; leaves ``got`` empty when the CPU must decode."""
+    try:
+        _decode_into(path, index, target_pts, got, stats, opts, fast=True, device=device)
+    except _DeviceUnavailable:
+        stats.device_fallback = "device_unavailable"
+        return
+    except _NoDeviceDecoder:
+        stats.device_fallback = "codec_unsupported"
+        return
+    if stats.device == "cpu":  # the software decoder ran in this pass: nothing to redo
+        stats.device_fallback = "codec_unsupported"
+    elif any(p not in got for p in target_pts):
+        stats.device_fallback = "hw_decode_failed"
+        stats.device = "cpu"
+        got.clear()
+        stats.decode_errors = 0
+
+
 @dataclass(frozen=True, slots=True)
 class _Options:
     height: int
@@ -296,13 +381,16 @@ class _Options:
 
 
 def _decode_into(path: Path, index: VideoIndex, target_pts: list[int], got: dict[int, np.ndarray],
-                 stats: DecodeStats, opts: _Options, *, fast: bool) -> None:
+                 stats: DecodeStats, opts: _Options, *, fast: bool, device: str = "cpu") -> None:
     targets = set(target_pts)
     pending = sorted(targets)  # pending[0] is the next frame still to come
     height, width = opts.height, opts.width
-    with _open(path) as container:
+    hwaccel = hwaccel_for(device)
+    with _open(path, hwaccel=hwaccel) as container:
         stream = container.streams.video[0]
         ctx = stream.codec_context
+        if hwaccel is not None and ctx.is_hwaccel:
+            stats.device = device
         ctx.thread_type = "AUTO"
         ctx.thread_count = opts.threads or min(os.cpu_count() or 1, _MAX_AUTO_THREADS)
         skip_ok = fast and ctx.name in _SKIP_NONREF_CODECS

@@ -1,5 +1,5 @@
 """Entry point of a decoder child process: ``python -m captionflow.video.decoder_process FD
-LIMIT`` (started by :class:`captionflow.video.pool.DecodePool`, never by hand).
+LIMIT [DEVICE]`` (started by :class:`captionflow.video.pool.DecodePool`, never by hand).
 
 A module of its own, not imported by the package, so ``-m`` runs it exactly once.
 """
@@ -10,4 +10,4 @@ from multiprocessing.connection import Connection
 from captionflow.video.pool import child_main
 
 if __name__ == "__main__":
-    child_main(Connection(int(sys.argv[1])), int(sys.argv[2]))
+    child_main(Connection(int(sys.argv[1])), int(sys.argv[2]), *sys.argv[3:4])

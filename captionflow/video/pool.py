@@ -21,6 +21,11 @@ task is cancelled (a sibling window failed, shutdown) is killed and dropped; its
 with ``decode_crashed`` / ``decode_timeout`` / the cancellation, and the next task starts a
 fresh child. ``close`` kills every child at once: it never waits on a stuck decode.
 
+With a GPU ``video.decode_device`` each child opens the device once when it starts and
+holds it (so every decode attaches to the same CUDA context); a child that cannot open it
+says so instead of "ready", and the pool raises ``decode_device_unavailable``, a fatal
+error: :meth:`DecodePool.start_one` lets the worker find that out before its first record.
+
 ``concurrent.futures.ProcessPoolExecutor`` does not fit: one dead child marks the whole
 executor broken and fails every pending task, and it cannot kill a running task.
 """
@@ -49,13 +54,14 @@ from captionflow import errors
 from captionflow.errors import (
     CaptionflowError,
     DecodeCrashedError,
+    DecodeDeviceUnavailableError,
     DecodeOutOfMemoryError,
     DecodeTimeoutError,
     ErrorCode,
     EventError,
     InternalError,
 )
-from captionflow.video.decode import DecodeStats, decode_frames, probe
+from captionflow.video.decode import DecodeStats, check_device, decode_frames, probe
 
 log = logging.getLogger(__name__)
 # An interpreter start and the PyAV/numpy imports; minutes only on a machine in trouble.
@@ -65,11 +71,16 @@ _START_TIMEOUT_S = 120.0
 # --- inside the child ---------------------------------------------------------------------
 
 
-def child_main(conn: Connection, memory_limit_bytes: int) -> None:
+def child_main(conn: Connection, memory_limit_bytes: int, device: str = "cpu") -> None:
     # Ctrl-C reaches the whole process group; the parent decides when children stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if memory_limit_bytes:
-        resource.setrlimit(resource.RLIMIT_AS, (memory_limit_bytes, memory_limit_bytes))
+        resource.setrlimit(_limit_resource(device), (memory_limit_bytes, memory_limit_bytes))
+    try:
+        held_device = check_device(device)  # noqa: F841 - held for this process's life
+    except DecodeDeviceUnavailableError as e:
+        conn.send(("device_error", e.message))
+        return
     conn.send(("ready", os.getpid()))  # imports done: task deadlines start counting now
     while True:
         try:
@@ -90,7 +101,7 @@ def child_main(conn: Connection, memory_limit_bytes: int) -> None:
             # FFmpeg reports a failed allocation in many ways (EAGAIN from the scaler, a
             # frame it "cannot decode"); a failure while the address space touched the
             # limit is the limit's doing.
-            if _touched_limit(memory_limit_bytes):
+            if _touched_limit(memory_limit_bytes, device):
                 conn.send(_out_of_memory(memory_limit_bytes))
             elif isinstance(e, CaptionflowError):
                 conn.send(("error", type(e).__name__, str(e.code), e.message, e.retriable))
@@ -104,13 +115,21 @@ def _out_of_memory(limit: int) -> tuple[Any, ...]:
             "smaller video or raise the limit", False)
 
 
-def _touched_limit(limit: int) -> bool:
-    """Whether this process's peak address space came within 64 MiB of ``limit``."""
+def _limit_resource(device: str) -> int:
+    # The CUDA driver reserves tens of GiB of address space it never touches, so on a GPU
+    # device only the data segment (heap and private writable mappings) is bounded.
+    return resource.RLIMIT_AS if device == "cpu" else resource.RLIMIT_DATA
+
+
+def _touched_limit(limit: int, device: str = "cpu") -> bool:
+    """Whether this process's peak address space (its data segment now, on a GPU device)
+    came within 64 MiB of ``limit``."""
     if not limit:
         return False
+    key = "VmPeak:" if device == "cpu" else "VmData:"
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmPeak:"):
+            if line.startswith(key):
                 return int(line.split()[1]) * 1024 >= limit - (64 << 20)
     return False
 
@@ -181,8 +200,10 @@ class _Child:
 class DecodePool:
     """At most ``workers`` decoder processes; ``await probe(...)`` / ``await decode(...)``."""
 
-    def __init__(self, *, workers: int, memory_limit_bytes: int, timeout_s: float) -> None:
+    def __init__(self, *, workers: int, memory_limit_bytes: int, timeout_s: float,
+                 device: str = "cpu") -> None:
         self._limit = memory_limit_bytes
+        self._device = device
         self._timeout_s = timeout_s
         self._slots = asyncio.Semaphore(workers)
         self._idle: list[_Child] = []
@@ -198,6 +219,14 @@ class DecodePool:
 
     def pids(self) -> list[int]:
         return [c.pid for c in (*self._idle, *self._busy)]
+
+    async def start_one(self) -> None:
+        """Start a child now and keep it idle: it pays the interpreter start before the
+        first task and, with a GPU device, raises ``decode_device_unavailable`` here."""
+        async with self._slots:
+            if self._closed:
+                raise InternalError("the decoder pool is closed")
+            self._idle.append(await self._start())
 
     async def probe(self, **kwargs: Any) -> Any:
         return await self._run("probe", kwargs)
@@ -228,7 +257,7 @@ class DecodePool:
         try:
             process = subprocess.Popen(
                 [sys.executable, "-m", "captionflow.video.decoder_process", str(theirs.fileno()),
-                 str(self._limit)],
+                 str(self._limit), self._device],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
         finally:
             theirs.close()
@@ -236,7 +265,10 @@ class DecodePool:
         child = _Child(process, Connection(ours.detach()))
         try:
             await self._readable(child, _START_TIMEOUT_S)
-            if child.conn.recv()[0] != "ready":
+            hello = child.conn.recv()
+            if hello[0] == "device_error":
+                raise DecodeDeviceUnavailableError(hello[1])  # the child is killed below
+            if hello[0] != "ready":
                 raise EOFError
         except (TimeoutError, EOFError, OSError) as e:
             child.kill()

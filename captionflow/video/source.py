@@ -110,7 +110,7 @@ def _decode_kwargs(path: Any, index: VideoIndex, plan: _Plan,
                    settings: VideoSettings) -> dict[str, Any]:
     return {"path": path, "index": index, "frame_indices": plan.indices,
             "height": plan.height, "width": plan.width, "threads": settings.decode_threads,
-            "max_source_pixels": settings.max_source_pixels}
+            "max_source_pixels": settings.max_source_pixels, "device": settings.decode_device}
 
 
 def _clip(index: VideoIndex, plan: _Plan, frames: np.ndarray, stats: DecodeStats) -> Clip:
@@ -129,7 +129,8 @@ def _clip(index: VideoIndex, plan: _Plan, frames: np.ndarray, stats: DecodeStats
         window_index=plan.window_index,
         extra={"seeks": stats.seeks, "packets_decoded": stats.packets_decoded,
                "frames_decoded": stats.frames_decoded, "decode_errors": stats.decode_errors,
-               "linear_fallback": stats.linear_fallback},
+               "linear_fallback": stats.linear_fallback, "decode_device": stats.device,
+               "device_fallback": stats.device_fallback},
     )
 
 
@@ -231,7 +232,8 @@ class FrameSource:
         self._settings = settings
         self._pool = DecodePool(workers=settings.decode_workers,
                                 memory_limit_bytes=settings.decode_memory_limit_bytes,
-                                timeout_s=settings.decode_timeout_s)
+                                timeout_s=settings.decode_timeout_s,
+                                device=settings.decode_device)
         # Downloads of this source go to a private directory, removed on close, so a
         # download abandoned at shutdown leaves nothing behind.
         base = settings.download_dir or Path(tempfile.gettempdir())
@@ -243,6 +245,13 @@ class FrameSource:
     @property
     def pool(self) -> DecodePool:
         return self._pool
+
+    async def start(self) -> None:
+        """With a GPU ``video.decode_device``, start one decoder now so that a device that
+        cannot be opened stops the run (``decode_device_unavailable``) before any record
+        is taken; with the CPU, decoders start with the first record."""
+        if self._settings.decode_device != "cpu":
+            await self._pool.start_one()
 
     async def open(self, reference: str,
                    overrides: Mapping[str, Any] | None = None) -> VideoClips:
@@ -286,6 +295,11 @@ class FrameSource:
         shutil.rmtree(self._download_dir, ignore_errors=True)
 
     async def __aenter__(self) -> FrameSource:
+        try:
+            await self.start()
+        except BaseException:
+            await self.close()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
