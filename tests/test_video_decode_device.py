@@ -168,3 +168,20 @@ def test_batch_run_on_a_missing_device_exits_before_any_row(tmp_path: Path,
     # Rows stay as they came, uncaptioned and unfailed: a rerun with a device takes them.
     written = [orjson.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     assert all(set(row) == {"id", "video"} for row in written), written
+
+
+@pytest.mark.skipif(CUDA, reason="an NVIDIA device opens on this host")
+def test_worker_on_a_missing_device_exits_before_the_engine_and_the_broker(
+        tmp_path: Path) -> None:
+    """``captionflow serve`` checks the decode device before it loads a model or joins the
+    group: with neither a model nor a broker here, the device is what it names."""
+    env = {**os.environ, "CAPTIONFLOW_VIDEO__DECODE_DEVICE": "cuda:0",
+           "CAPTIONFLOW_METRICS__PORT": "0",
+           "CAPTIONFLOW_SERVING__MODEL": str(tmp_path / "no-model-here"),
+           "CAPTIONFLOW_KAFKA__BOOTSTRAP_SERVERS": "127.0.0.1:1"}
+    proc = subprocess.run([sys.executable, "-m", "captionflow", "serve"], capture_output=True,
+                          text=True, timeout=120, env=env, check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    output = " ".join((proc.stdout + proc.stderr).split())  # the console wraps long lines
+    assert "[decode_device_unavailable] video.decode_device=cuda:0" in output
+    assert "no-model-here" not in output and "127.0.0.1:1" not in output
