@@ -185,3 +185,45 @@ def test_worker_on_a_missing_device_exits_before_the_engine_and_the_broker(
     output = " ".join((proc.stdout + proc.stderr).split())  # the console wraps long lines
     assert "[decode_device_unavailable] video.decode_device=cuda:0" in output
     assert "no-model-here" not in output and "127.0.0.1:1" not in output
+
+
+def test_fallbacks_reach_the_metric_and_the_caption_event() -> None:
+    """The worker's side of a fallback: the clip's reason is counted, and an event with any
+    window decoded on the CPU says "cpu" (pure logic: a host here cannot produce a clip that
+    the GPU decoded)."""
+    from prometheus_client import CollectorRegistry
+
+    from captionflow.consumer.frames import _TimedStream
+    from captionflow.consumer.pipeline import _decode_device
+    from captionflow.metrics import Metrics
+    from captionflow.video.clip import Clip, VideoFacts
+
+    def make_clip(device: str, fallback: str) -> Clip:
+        return Clip(frames=np.zeros((2, 28, 28, 3), np.uint8), frame_indices=(0, 1),
+                    timestamps_s=(0.0, 0.5), sample_fps=2.0,
+                    facts=VideoFacts(duration_s=1.0, source_fps=2.0, total_frames=2,
+                                     width=28, height=28, codec="h264"),
+                    extra={"decode_device": device, "device_fallback": fallback})
+
+    class Windows:
+        count, fetch_decode_s = 2, 0.0
+        clips = [make_clip("cuda", ""), make_clip("cpu", "hw_decode_failed")]
+
+        async def clip(self, i: int) -> Clip:
+            return self.clips[i]
+
+        async def aclose(self) -> None:
+            pass
+
+    metrics = Metrics(CollectorRegistry())
+    stream = _TimedStream(Windows(), lambda s: None, metrics)
+    clips = asyncio.run(_all(stream))
+    counted = {s.labels["reason"]: s.value for s in metrics.decode_device_fallbacks.collect()[0]
+               .samples if s.name.endswith("_total")}
+    assert counted == {"hw_decode_failed": 1.0}
+    assert _decode_device(clips) == "cpu" and _decode_device(clips[:1]) == "cuda"
+    assert _decode_device([]) is None
+
+
+async def _all(stream) -> list:
+    return [await stream.clip(i) for i in range(stream.count)]
