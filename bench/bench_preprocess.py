@@ -15,11 +15,17 @@ included), the median of ``--repeats``:
   boundary (noisy: a difference of two measurements, it can come out below zero);
 - **mm hash**: vLLM's multimodal processor cache key (``MultiModalHasher``, blake3) of the
   frames, which the frontend computes for every request;
-- **mm processor**: the HF Qwen2-VL video processor that vLLM's frontend runs
-  (rescale, normalize, patchify into ``pixel_values_videos``) with the Qwen2.5-VL
-  defaults (pixels 100,352..602,112, patch 14, merge 2): once as vLLM calls it
-  (``do_resize`` on: it resizes again, to the same 28-multiple grid), once with
-  ``do_resize=False`` (the frames are already on the grid).
+- **mm processor**: vLLM 0.32's Qwen2.5-VL multimodal processor as the engine's frontend
+  runs it (``create_processor(...)(prompt, items)``: the HF Qwen2-VL video processor's
+  patchify into uint8 ``pixel_values_videos``, rescale and normalize being left to the
+  device by ``mm_device_do_normalize``, plus the prompt update), minus the mm hash it also
+  computes; with Qwen2.5-VL's pixel defaults (100,352..602,112 pixels, patch 14, merge 2)
+  over the tiny model's tokenizer. Timed twice per repeat, alternating: **before** with
+  transformers' stock code, **after** with ``captionflow.serving.fast_video_processor``
+  installed (as the vLLM backend does), and asserted to give equal tensors.
+- **HF processor, normalizing on the CPU** (not in the totals): the same HF video
+  processor with rescale and normalize on the CPU, what the transformers backend (and vLLM
+  with ``mm_device_do_normalize`` off) pays, stock and fast.
 
 The floor is ``ffmpeg -threads 0 -i IN -vf fps=F,scale=W:H -pix_fmt rgb24 -f rawvideo``
 (the child's CPU from ``getrusage``): decoding, sampling and scaling to the same size.
@@ -42,9 +48,14 @@ from pathlib import Path
 from typing import Any
 
 import av
+import numpy as np
 import psutil
+import torch
 
 from captionflow.config import VideoSettings
+from captionflow.serving import fast_video_processor
+from captionflow.serving.tiny_model import build_tiny_model
+from captionflow.video.clip import Clip, VideoFacts
 from captionflow.video.decode import decode_frames, probe
 from captionflow.video.fetch import fetch
 from captionflow.video.sampling import SamplingPolicy
@@ -130,7 +141,34 @@ async def pool_cpu(source: FrameSource, path: Path, fps: float) -> float:
     return tree_cpu() - started
 
 
-def measure(path: Path, fps: float, settings: VideoSettings, processor: Any,
+def vllm_processor(model_dir: Path) -> Any:
+    """vLLM's multimodal processor for Qwen2.5-VL with the model's own pixel defaults; its
+    cache is off so that every call does the whole work, as a new clip does."""
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    config = ModelConfig(model=str(model_dir), mm_processor_cache_gb=0,
+                         mm_processor_kwargs={"min_pixels": 128 * 28 * 28,
+                                              "max_pixels": 768 * 28 * 28,
+                                              "cap_pixels_per_frame": False})
+    return MULTIMODAL_REGISTRY.create_processor(config)
+
+
+def as_clip(frames: np.ndarray, fps: float) -> Clip:
+    n, height, width, _ = frames.shape
+    return Clip(frames=frames, frame_indices=tuple(range(n)),
+                timestamps_s=tuple(i / fps for i in range(n)), sample_fps=fps,
+                facts=VideoFacts(duration_s=n / fps, source_fps=fps, total_frames=n,
+                                 width=width, height=height, codec="h264"))
+
+
+def frontend(mm: Any, clip: Clip) -> Any:
+    """One clip through vLLM's multimodal processor, as ``AsyncLLM`` hands it over."""
+    items = mm.info.parse_mm_data({"video": (clip.frames, clip.vllm_metadata())})
+    return mm("<|vision_start|><|video_pad|><|vision_end|>Describe the video.", items)
+
+
+def measure(path: Path, fps: float, settings: VideoSettings, processor: Any, mm: Any,
             source: FrameSource, repeats: int) -> dict[str, float]:
     from vllm.multimodal.hasher import MultiModalHasher
 
@@ -142,7 +180,7 @@ def measure(path: Path, fps: float, settings: VideoSettings, processor: Any,
     def add(name: str, value: float) -> None:
         runs.setdefault(name, []).append(value)
 
-    for _ in range(repeats):
+    for repeat in range(repeats):
         fetch_s, video = cpu(fetch, str(path), settings)
         probe_s, index = cpu(probe, **_probe_kwargs(video.source, settings))
         plan = plan_clips(index, policy, settings)[0]
@@ -153,19 +191,30 @@ def measure(path: Path, fps: float, settings: VideoSettings, processor: Any,
         in_process = fetch_s + probe_s + decode_s
         pooled = loop.run_until_complete(pool_cpu(source, path, fps))
         hash_s, _ = cpu(MultiModalHasher.hash_kwargs, "blake3", video=frames)
-        proc_s, out = cpu(processor, videos=[frames], return_tensors="pt")
-        proc_nr_s, out_nr = cpu(processor, videos=[frames], return_tensors="pt",
-                                do_resize=False)
-        assert out["pixel_values_videos"].shape == out_nr["pixel_values_videos"].shape, \
-            "the frames are not on the processor's grid: skipping its resize changes them"
+        clip = as_clip(frames, fps)
+        timed = {}
+        for fast_on in (False, True) if repeat % 2 == 0 else (True, False):
+            (fast_video_processor.install if fast_on else fast_video_processor.uninstall)()
+            timed[fast_on] = (*cpu(frontend, mm, clip),
+                              cpu(processor, videos=[frames], return_tensors="pt")[0])
+        (stock_s, stock, hf_stock_s), (fast_s, fast, hf_fast_s) = timed[False], timed[True]
+        before = stock["mm_kwargs"]["video"][0]
+        after = fast["mm_kwargs"]["video"][0]
+        assert all(torch.equal(before[k].data, after[k].data) for k in before), \
+            "the fast path changed the processor's output"
+        _, grid_h, grid_w = (int(v) for v in before["video_grid_thw"].data)
+        assert (grid_h * 14, grid_w * 14) == (plan.height, plan.width), \
+            "the frames are not on the processor's grid: it resizes them again"
         add("fetch", fetch_s)
         add("probe", probe_s)
         add("decode+sample", max(0.0, decode_s - resize_s))
         add("resize", resize_s)
         add("handover", pooled - in_process)
         add("mm hash", hash_s)
-        add("mm processor", proc_s)
-        add("mm processor, no resize", proc_nr_s)
+        add("mm processor", stock_s - hash_s)
+        add("mm processor, fast", fast_s - hash_s)
+        add("HF normalizing, stock", hf_stock_s)
+        add("HF normalizing, fast", hf_fast_s)
         add("ffmpeg floor", ffmpeg_floor(path, fps, plan.height, plan.width))
     result = {k: statistics.median(v) for k, v in runs.items()}
     result["frames"] = len(plan.indices)
@@ -173,39 +222,89 @@ def measure(path: Path, fps: float, settings: VideoSettings, processor: Any,
     return result
 
 
+async def event_loop_share(requests: int) -> tuple[float, float, float]:
+    """Event-loop thread CPU against this process's CPU per caption request on the
+    in-process engine (tiny model, 448p clips): whatever the clip path runs on the loop
+    shows in the first figure. Returns (loop ms, process ms, wall ms) per request."""
+    from captionflow.serving.base import CaptionRequest
+    from captionflow.serving.engine_setup import prepare_vllm_environment, tiny_cpu_settings
+    from captionflow.serving.vllm_engine import VllmBackend
+
+    work = CLIP_DIR / "engine"
+    prepare_vllm_environment(work)
+    backend = VllmBackend(tiny_cpu_settings(build_tiny_model(CLIP_DIR / "model"),
+                                            temperature=0.0, max_tokens=4, work_dir=work))
+    await backend.start()
+    rng = np.random.default_rng(0)
+    clips = [as_clip(rng.integers(0, 256, (20, 448, 784, 3), dtype=np.uint8), 2.0)
+             for _ in range(requests + 1)]
+    try:
+        await backend.caption(CaptionRequest("warm", clips[0], "Describe."))
+        loop_started, cpu_started = time.thread_time(), time.process_time()
+        wall_started = time.perf_counter()
+        await asyncio.gather(*(backend.caption(CaptionRequest(f"r{i}", clip, "Describe."))
+                               for i, clip in enumerate(clips[1:])))
+        wall_s = time.perf_counter() - wall_started
+        loop_s, cpu_s = time.thread_time() - loop_started, time.process_time() - cpu_started
+    finally:
+        await backend.close()
+    return (loop_s * 1000 / requests, cpu_s * 1000 / requests, wall_s * 1000 / requests)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--event-loop", action="store_true",
+                        help="only measure the event loop's share on the tiny engine")
     args = parser.parse_args()
+    if args.event_loop:
+        loop_ms, cpu_ms, wall_ms = asyncio.run(event_loop_share(8))
+        print(f"per 448p request on the tiny engine: event-loop thread {loop_ms:.1f} CPU-ms "
+              f"of {cpu_ms:.1f} CPU-ms in this process ({loop_ms / cpu_ms:.0%}), "
+              f"{wall_ms:.0f} ms wall")
+        return
     from transformers import Qwen2VLVideoProcessor
 
-    processor = Qwen2VLVideoProcessor()
+    processor = Qwen2VLVideoProcessor(cap_pixels_per_frame=False)
+    mm = vllm_processor(build_tiny_model(CLIP_DIR / "model"))
+    warm = np.zeros((4, 112, 196, 3), np.uint8)
+    for install in (fast_video_processor.install, fast_video_processor.uninstall):
+        install()  # both paths run once before anything is timed (lazy loads and imports)
+        frontend(mm, as_clip(warm, 2.0))
+        processor(videos=[warm], return_tensors="pt")
     settings = VideoSettings(any_local_path=True)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     source = FrameSource(settings)
     print(f"{os.cpu_count()} cores here, load(1 min) {os.getloadavg()[0]:.1f}; CPU-seconds "
           f"per clip, median of {args.repeats}; host = {HOST_CORES} cores", flush=True)
-    stages = ["fetch", "probe", "decode+sample", "resize", "handover", "mm hash",
-              "mm processor"]
+    stages = ["fetch", "probe", "decode+sample", "resize", "handover", "mm hash"]
+    extra = ["mm processor", "mm processor, fast", "HF normalizing, stock",
+             "HF normalizing, fast", "ffmpeg floor"]
     try:
         for name, size, seconds, fps in CLASSES:
             path = make_clip(size, seconds)
-            r = measure(path, fps, settings, processor, source, args.repeats)
-            before = sum(r[s] for s in stages)
-            after = before - r["mm processor"] + r["mm processor, no resize"]
+            r = measure(path, fps, settings, processor, mm, source, args.repeats)
+            common = sum(r[s] for s in stages)
+            before = common + r["mm processor"]
+            after = common + r["mm processor, fast"]
             print(f"\n{name}: {r['frames']} frames at {r['size']}")
-            for s in [*stages, "mm processor, no resize", "ffmpeg floor"]:
+            for s in [*stages, *extra]:
                 print(f"  {s:24s} {r[s] * 1000:8.1f} ms")
             floor = r["ffmpeg floor"]
             ours = r["probe"] + r["decode+sample"] + r["resize"]
             print(f"  ours (probe+decode+resize) / ffmpeg floor: {ours / floor:.2f}")
+            print(f"  mm processor after/before: "
+                  f"{r['mm processor, fast'] / r['mm processor']:.2f}x; "
+                  f"HF normalizing on the CPU after/before: "
+                  f"{r['HF normalizing, fast'] / r['HF normalizing, stock']:.2f}x")
             print(f"  total before {before * 1000:.1f} ms -> {HOST_CORES / before:.1f} clips/s "
-                  f"per {HOST_CORES}-core host; without the processor's resize "
-                  f"{after * 1000:.1f} ms -> {HOST_CORES / after:.1f} clips/s "
-                  f"({after / before:.2f}x the CPU)", flush=True)
+                  f"per {HOST_CORES}-core host; after {after * 1000:.1f} ms -> "
+                  f"{HOST_CORES / after:.1f} clips/s ({after / before:.2f}x the CPU, "
+                  f"cut {(1 - after / before) * 100:.0f}%)", flush=True)
     finally:
         loop.run_until_complete(source.close())
+        fast_video_processor.uninstall()
     print(f"\nload(1 min) after: {os.getloadavg()[0]:.1f}")
 
 
