@@ -280,7 +280,8 @@ def run(
     input_conversation_key: Annotated[str, typer.Option()] = "conversation",
     output_key: Annotated[str, typer.Option()] = "caption",
     concurrency: Annotated[int | None, typer.Option(
-        help="Rows in flight at once (default worker.max_in_flight).", min=1)] = None,
+        help="Rows in flight at once (default worker.max_in_flight, or serving.max_num_seqs "
+             "+ video.decode_workers when fewer).", min=1)] = None,
     resume: Annotated[bool, typer.Option(
         help="Keep rows the output file already has captions for.")] = True,
     fail_on_error: Annotated[bool, typer.Option(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import orjson
@@ -34,6 +35,30 @@ def engine_env(serving: ServingSettings, work_dir: Path) -> dict[str, str]:
                 "CAPTIONFLOW_VIDEO__MIN_PIXELS": str(28 * 28 * 4),
                 "CAPTIONFLOW_VIDEO__MAX_PIXELS": str(112 * 84), "PYTHONPATH": str(REPO)})
     return env
+
+
+# Every process a `captionflow run` starts inherits its environment, this variable included.
+RUN_MARK = "CAPTIONFLOW_TEST_RUN_MARK"
+
+
+def processes_marked(mark: str, *, settle_s: float = 5.0) -> list[str]:
+    """Processes still running with ``RUN_MARK=mark``, after up to ``settle_s`` for the
+    resource tracker, which ends when it reads the end of the command's pipe."""
+    import psutil
+
+    deadline = time.monotonic() + settle_s
+    while True:
+        found = []
+        for proc in psutil.process_iter(["name", "status"]):
+            try:
+                if proc.info["status"] != psutil.STATUS_ZOMBIE and \
+                        proc.environ().get(RUN_MARK) == mark:
+                    found.append(f"{proc.pid} {' '.join(proc.cmdline())[:120]}")
+            except psutil.Error:
+                continue
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
 
 
 def mixed_rows(root: Path, corpus: dict[str, CorpusFile]) -> tuple[list[dict], dict[int, str]]:
@@ -65,9 +90,13 @@ def test_cli_run_captions_good_rows_records_bad_ones_and_resumes(
     command = [sys.executable, "-m", "captionflow", "run", "--input", "rows.jsonl",
                "--cache-path", "cache", "--file-name-prefix", "batch", "--cache-type", "jsonl"]
 
-    first = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
-                           timeout=280)
+    mark = f"{os.getpid()}-{tmp_path.name}"
+    first = subprocess.run(command, cwd=tmp_path, env={**env, RUN_MARK: mark},
+                           capture_output=True, text=True, timeout=280)
     assert first.returncode == 0, first.stderr[-3000:]
+    # It exits once its engine core, the CPU worker and its decoders are gone (the command
+    # skips the interpreter's teardown, but only after stopping all of them).
+    assert not processes_marked(mark), processes_marked(mark)
     summary = orjson.loads(first.stdout.strip().splitlines()[-1])
     out_path = tmp_path / "cache" / "batch_step1.jsonl"
     assert summary["output"] == "cache/batch_step1.jsonl"

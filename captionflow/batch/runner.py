@@ -1,7 +1,8 @@
 """Caption a list of DataFlow rows concurrently through one backend.
 
-At most ``concurrency`` rows are between "decode started" and "caption received" at any
-time, so memory holds at most that many decoded videos. A bad row records its error and the
+At most ``concurrency`` rows (:func:`default_concurrency` when not given) are between
+"decode started" and "caption received" at any time, so memory holds at most that many
+decoded videos. A bad row records its error and the
 run goes on; only a fatal error (dead engine) stops it, after a last checkpoint. Rows an
 earlier output already captioned are carried over, not captioned again. The backend is
 started on the first row that reaches the model, so a rerun with nothing left to caption
@@ -107,6 +108,17 @@ class _LazyBackend:
         return await self._backend.caption_tracked(request, timeout_s=self._timeout_s)
 
 
+def default_concurrency(settings: Settings) -> int:
+    """Rows in flight when the caller does not say: ``worker.max_in_flight``, or fewer when
+    an in-process vLLM engine runs at most ``serving.max_num_seqs`` requests at a time:
+    that many plus one per decoder process keeps its batch full with the next rows decoding,
+    and every row in flight holds its decoded frames in memory."""
+    seqs = settings.serving.max_num_seqs
+    if settings.serving.backend != "vllm" or seqs is None:
+        return settings.worker.max_in_flight
+    return min(settings.worker.max_in_flight, seqs + settings.video.decode_workers)
+
+
 async def caption_rows(rows: list[Any], *, settings: Settings, backend: CaptionBackend,
                        keys: RowKeys = RowKeys(), previous: list[Any] | None = None,
                        concurrency: int | None = None, on_row: OnRow | None = None,
@@ -176,7 +188,7 @@ async def caption_rows(rows: list[Any], *, settings: Settings, backend: CaptionB
         for i in todo:  # the lanes share one iterator: each row is taken exactly once
             await one(i, frames)
 
-    lanes = max(1, concurrency or settings.worker.max_in_flight)
+    lanes = max(1, concurrency or default_concurrency(settings))
     try:
         async with FrameSource(settings.video) as frames:
             async with asyncio.TaskGroup() as group:
