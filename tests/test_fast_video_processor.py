@@ -97,6 +97,9 @@ def test_odd_frame_counts_and_other_inputs_use_the_stock_code(
                            (odd, {"do_rescale": True, "do_normalize": False})]:
         stock, fast = _stock_and_fast(processor, videos, **kwargs)
         _assert_identical(stock, fast)
+    scalar_mean = Qwen2VLVideoProcessor(cap_pixels_per_frame=False, image_mean=0.5,
+                                        image_std=0.5)
+    _assert_identical(*_stock_and_fast(scalar_mean, [_frames(2, 4, 112, 196)]))
     assert fast_calls == []
 
 

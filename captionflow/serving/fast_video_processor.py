@@ -75,8 +75,9 @@ def install() -> bool:
         return False
     _stock["preprocess"] = preprocess
     _stock["prepare"] = prepare
-    Qwen2VLVideoProcessor._preprocess = _preprocess  # type: ignore[method-assign]
-    Qwen2VLVideoProcessor._prepare_input_videos = _prepare_input_videos  # type: ignore[method-assign]
+    cls: Any = Qwen2VLVideoProcessor
+    cls._preprocess = _preprocess
+    cls._prepare_input_videos = _prepare_input_videos
     return True
 
 
@@ -86,8 +87,9 @@ def uninstall() -> None:
         return
     from transformers import Qwen2VLVideoProcessor
 
-    Qwen2VLVideoProcessor._preprocess = _stock.pop("preprocess")  # type: ignore[method-assign]
-    Qwen2VLVideoProcessor._prepare_input_videos = _stock.pop("prepare")  # type: ignore[method-assign]
+    cls: Any = Qwen2VLVideoProcessor
+    cls._preprocess = _stock.pop("preprocess")
+    cls._prepare_input_videos = _stock.pop("prepare")
 
 
 def installed() -> bool:
@@ -142,10 +144,14 @@ def _preprocess(self: Any, videos: list[Any], do_resize: bool, size: Any, resamp
             return_tensors=return_tensors, **kwargs)
 
     normalize = bool(do_rescale and do_normalize)
-    if not ((normalize or not (do_rescale or do_normalize))
-            and patch_size and temporal_patch_size and merge_size and videos and all(isinstance(v, torch.Tensor) and v.device.type == "cpu"
-                               and v.dtype == torch.uint8 and v.ndim == 4 and v.shape[1] == 3
-                               for v in videos)):
+    supported = (
+        (normalize or not (do_rescale or do_normalize))
+        and (not normalize or (np.size(image_mean) == 3 and np.size(image_std) == 3))
+        and patch_size and temporal_patch_size and merge_size and videos
+        and all(isinstance(v, torch.Tensor) and v.device.type == "cpu"
+                and v.dtype == torch.uint8 and v.ndim == 4 and v.shape[1] == 3
+                for v in videos))
+    if not supported:
         return stock()
     resized = []
     for video in videos:
