@@ -148,6 +148,34 @@ def test_frame_source_refuses_to_start_without_the_device(tmp_path: Path) -> Non
     assert _decoder_processes() - before == set()
 
 
+def test_decoder_started_later_without_the_device_decodes_on_the_cpu(
+        video_corpus: dict[str, CorpusFile], caplog: pytest.LogCaptureFixture) -> None:
+    """Past the start-up check, a decoder process that cannot open the device (its memory
+    taken by the engine, say) serves anyway: the clip is decoded on the CPU and says so."""
+    file = video_corpus["h264_160x120_30fps.mp4"]
+    settings = VideoSettings(allowed_roots=(Path(file.path).parent,), decode_device="cuda",
+                             decode_workers=1)
+    expected = FrameSource(VideoSettings(allowed_roots=(Path(file.path).parent,),
+                                         decode_workers=1))
+
+    async def main() -> tuple[list, list]:
+        source = FrameSource(settings)  # no start(): as if the first decoder had opened it
+        try:
+            return await source.clips(file.path), await expected.clips(file.path)
+        finally:
+            await source.close()
+            await expected.close()
+
+    clips, cpu_clips = asyncio.run(main())
+    if CUDA:
+        assert clips[0].extra["decode_device"] == "cuda"
+        return
+    assert (clips[0].extra["decode_device"], clips[0].extra["device_fallback"]) == (
+        "cpu", "device_unavailable")
+    np.testing.assert_array_equal(clips[0].frames, cpu_clips[0].frames)
+    assert "decodes on the CPU" in caplog.text
+
+
 def _decoder_processes() -> set[int]:
     found = set()
     for process in psutil.Process().children(recursive=True):

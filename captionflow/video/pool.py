@@ -22,9 +22,11 @@ with ``decode_crashed`` / ``decode_timeout`` / the cancellation, and the next ta
 fresh child. ``close`` kills every child at once: it never waits on a stuck decode.
 
 With a GPU ``video.decode_device`` each child opens the device once when it starts and
-holds it (so every decode attaches to the same CUDA context); a child that cannot open it
-says so instead of "ready", and the pool raises ``decode_device_unavailable``, a fatal
-error: :meth:`DecodePool.start_one` lets the worker find that out before its first record.
+holds it (so every decode attaches to the same CUDA context), and says in its "ready"
+whether it could. :meth:`DecodePool.start_one`, called before the first record, raises
+``decode_device_unavailable`` (fatal) when the first child could not: the host has no
+usable device. A child started later that cannot (the GPU's memory is full) still serves:
+its decodes fall back to the CPU, each one counted.
 
 ``concurrent.futures.ProcessPoolExecutor`` does not fit: one dead child marks the whole
 executor broken and fails every pending task, and it cannot kill a running task.
@@ -76,12 +78,12 @@ def child_main(conn: Connection, memory_limit_bytes: int, device: str = "cpu") -
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if memory_limit_bytes:
         resource.setrlimit(_limit_resource(device), (memory_limit_bytes, memory_limit_bytes))
+    device_error = None
     try:
         held_device = check_device(device)  # noqa: F841 - held for this process's life
     except DecodeDeviceUnavailableError as e:
-        conn.send(("device_error", e.message))
-        return
-    conn.send(("ready", os.getpid()))  # imports done: task deadlines start counting now
+        device_error = e.message  # each decode then falls back to the CPU, counted
+    conn.send(("ready", os.getpid(), device_error))  # task deadlines start counting now
     while True:
         try:
             task, kwargs = conn.recv()
@@ -175,6 +177,7 @@ class _Child:
         # Set once a task's answer came back whole: only then may the child take more work.
         self.reusable = False
         self._reaped = False
+        self.device_error: str | None = None  # why it could not open the GPU decode device
 
     @property
     def pid(self) -> int:
@@ -226,7 +229,12 @@ class DecodePool:
         async with self._slots:
             if self._closed:
                 raise InternalError("the decoder pool is closed")
-            self._idle.append(await self._start())
+            child = await self._start()
+            if child.device_error is not None:
+                child.kill()
+                await asyncio.to_thread(child.reap)
+                raise DecodeDeviceUnavailableError(child.device_error)
+            self._idle.append(child)
 
     async def probe(self, **kwargs: Any) -> Any:
         return await self._run("probe", kwargs)
@@ -239,7 +247,13 @@ class DecodePool:
         async with self._slots:
             if self._closed:
                 raise InternalError("the decoder pool is closed")
-            child = self._idle.pop() if self._idle else await self._start()
+            if self._idle:
+                child = self._idle.pop()
+            else:
+                child = await self._start()
+                if child.device_error is not None:
+                    log.warning("decoder process %d decodes on the CPU: %s", child.pid,
+                                child.device_error)
             self._busy.add(child)
             child.reusable = False
             try:
@@ -266,10 +280,9 @@ class DecodePool:
         try:
             await self._readable(child, _START_TIMEOUT_S)
             hello = child.conn.recv()
-            if hello[0] == "device_error":
-                raise DecodeDeviceUnavailableError(hello[1])  # the child is killed below
             if hello[0] != "ready":
                 raise EOFError
+            child.device_error = hello[2]
         except (TimeoutError, EOFError, OSError) as e:
             child.kill()
             await asyncio.to_thread(child.reap)
