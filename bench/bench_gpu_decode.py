@@ -160,7 +160,9 @@ def main() -> int:
     print(f"PyAV {av.__version__}, FFmpeg {av.library_versions['libavcodec']}, "
           f"hwdevices {av.codec.hwaccel.hwdevices_available()}", flush=True)
     try:
-        check_device(args.device)
+        # Held for the whole run, as a decoder process holds it: every decode attaches to
+        # the device's primary context instead of creating it again.
+        held_device = check_device(args.device)  # noqa: F841
     except DecodeDeviceUnavailableError as e:
         print(f"FAIL: {e}")
         if not args.allow_fallback:

@@ -177,7 +177,8 @@ class VideoSettings(_Section):
     # Address space (RLIMIT_AS) of each decoder process; over it -> decode_out_of_memory.
     # 0 = no limit. Covers the interpreter, PyAV's libraries, codec threads and the frames.
     # With a GPU decode_device it bounds the data segment (RLIMIT_DATA) instead: the CUDA
-    # driver reserves far more address space than it ever touches.
+    # driver reserves far more address space than it ever touches. That leaves out the
+    # shared memory the output frames are written to (bounded by the sampling budget).
     decode_memory_limit_bytes: int = Field(4 * 1024**3, ge=0)
     # Where the codec runs: "cpu" (FFmpeg's software decoders), or "cuda" / "cuda:N" (NVDEC
     # through FFmpeg's CUDA hwaccel in PyAV's own wheel; frames come back to host memory

@@ -65,7 +65,7 @@ class Metrics:
         self.decode_device_fallbacks = Counter(
             "captionflow_decode_device_fallbacks_total",
             "Clips that a GPU video.decode_device did not decode, so the CPU did, by reason: "
-            "device_unavailable, codec_unsupported, hw_decode_failed.", ["reason"],
+            "device_unavailable, codec_unsupported, device_out_of_memory, hw_decode_failed.", ["reason"],
             registry=r)
         self.captions = Counter(
             "captionflow_captions_total",

@@ -10,6 +10,7 @@ they match the CPU path within codec tolerance.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import subprocess
 import sys
@@ -42,6 +43,9 @@ CUDA = _cuda_decodes()
 MAX_MEAN_ABS_DIFF = 1.0
 # PyAV opens AV1 with libdav1d, which has no hwaccel: AV1 stays on the CPU everywhere.
 SOFTWARE_ONLY = {"av1_96x64_24fps.mkv"}
+# Below NVDEC's smallest picture for the codec (HEVC 144x144, VP9 128x128 in NVIDIA's
+# decoder documentation): the GPU refuses them and the CPU decodes them again.
+BELOW_NVDEC_MINIMUM = {"hevc_128x96_24fps.mp4", "vp9_odd_65x49_15fps.webm"}
 PLAYABLE = ["h264_160x120_30fps.mp4", "h264_longgop_128x96_25fps.mp4",
             "hevc_128x96_24fps.mp4", "vp9_odd_65x49_15fps.webm", "av1_96x64_24fps.mkv",
             "mpeg4_176x144_10fps.avi", "h264_rotated90_96x64.mp4", "h264_vfr_96x64.mp4"]
@@ -67,6 +71,11 @@ def test_gpu_device_returns_the_cpu_paths_frames(video_corpus: dict[str, CorpusF
     if name in SOFTWARE_ONLY:
         assert (gpu_stats.device, gpu_stats.device_fallback) == ("cpu", "codec_unsupported")
         np.testing.assert_array_equal(gpu, cpu)
+    elif CUDA and name in BELOW_NVDEC_MINIMUM:
+        assert (gpu_stats.device, gpu_stats.device_fallback) in {
+            ("cpu", "hw_decode_failed"), ("cuda", "")}
+        if gpu_stats.device == "cpu":
+            np.testing.assert_array_equal(gpu, cpu)
     elif CUDA:
         assert (gpu_stats.device, gpu_stats.device_fallback) == ("cuda", "")
         diff = np.abs(gpu.astype(np.int16) - cpu.astype(np.int16))
@@ -88,27 +97,33 @@ def test_codec_without_a_device_decoder_is_decoded_on_the_cpu(tmp_path: Path) ->
     assert (stats.device, stats.device_fallback) == ("cpu", "codec_unsupported")
 
 
-def test_frames_the_device_misses_are_all_decoded_again_on_the_cpu(
-        video_corpus: dict[str, CorpusFile], monkeypatch: pytest.MonkeyPatch) -> None:
-    """A GPU pass that drops a frame (NVDEC refusing a profile mid-stream) must not leave a
-    clip mixing the two decoders' output. Only the GPU pass is stood in for here."""
+@pytest.mark.parametrize("failure", ["hw_decode_failed", "device_out_of_memory"])
+def test_a_failed_gpu_pass_is_decoded_again_on_the_cpu_from_scratch(
+        video_corpus: dict[str, CorpusFile], monkeypatch: pytest.MonkeyPatch,
+        failure: str) -> None:
+    """A GPU pass that drops a frame (NVDEC refusing a profile mid-stream) or runs out of
+    GPU memory must not fail the event, nor leave a clip mixing the two decoders' output,
+    nor count the abandoned pass's work. Only the GPU pass is stood in for here."""
     path, indices = _sample(video_corpus["h264_160x120_30fps.mp4"])
     index = probe(path, max_duration_s=60)
     real = decode_module._decode_into
 
-    def lossy_gpu_pass(path, index, target_pts, got, stats, opts, *, fast, device="cpu"):
+    def failing_gpu_pass(path, index, target_pts, got, stats, opts, *, fast, device="cpu"):
         if device == "cpu":
             return real(path, index, target_pts, got, stats, opts, fast=fast)
         stats.device = device
         real(path, index, target_pts[:-1], got, stats, opts, fast=fast)
         got[target_pts[0]] = np.zeros_like(got[target_pts[0]])  # must not survive
         stats.decode_errors += 3
+        if failure == "device_out_of_memory":
+            raise decode_module._out_of_memory(path.name)
 
-    monkeypatch.setattr(decode_module, "_decode_into", lossy_gpu_pass)
+    _, cpu_stats = decode_frames(path, index, indices, height=64, width=96)
+    monkeypatch.setattr(decode_module, "_decode_into", failing_gpu_pass)
     frames, stats = decode_frames(path, index, indices, height=64, width=96, device="cuda")
     assert [read_index(f) for f in frames] == indices
-    assert (stats.device, stats.device_fallback) == ("cpu", "hw_decode_failed")
-    assert stats.decode_errors == 0  # the GPU pass's errors are not the file's
+    assert (stats.device, stats.device_fallback) == ("cpu", failure)
+    assert dataclasses.replace(stats, device_fallback="") == cpu_stats
 
 
 def test_decode_device_setting_accepts_cpu_and_cuda_devices_only() -> None:
@@ -211,6 +226,22 @@ def test_batch_run_on_a_missing_device_exits_before_any_row(tmp_path: Path,
 
 
 @pytest.mark.skipif(CUDA, reason="an NVIDIA device opens on this host")
+def test_batch_rerun_with_every_row_done_needs_no_device(tmp_path: Path) -> None:
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(orjson.dumps({"id": "a", "video": "a.mp4"}).decode() + "\n")
+    out = tmp_path / "out.jsonl"
+    out.write_text(orjson.dumps({"id": "a", "video": "a.mp4", "caption": "done"}).decode()
+                   + "\n")
+    env = {**os.environ, "CAPTIONFLOW_VIDEO__DECODE_DEVICE": "cuda"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "captionflow", "run", "--input", str(rows), "--output",
+         str(out), "--model", str(tmp_path / "no-model-here")],
+        capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert orjson.loads(out.read_text())["caption"] == "done"
+
+
+@pytest.mark.skipif(CUDA, reason="an NVIDIA device opens on this host")
 def test_worker_on_a_missing_device_exits_before_the_engine_and_the_broker(
         tmp_path: Path) -> None:
     """``captionflow serve`` checks the decode device before it loads a model or joins the
@@ -231,6 +262,7 @@ def test_fallbacks_reach_the_metric_and_the_caption_event() -> None:
     """The worker's side of a fallback: the clip's reason is counted, and an event with any
     window decoded on the CPU says "cpu" (pure logic: a host here cannot produce a clip that
     the GPU decoded)."""
+    pytest.importorskip("aiokafka")  # the consumer package; the GPU host's check lacks it
     from prometheus_client import CollectorRegistry
 
     from captionflow.consumer.frames import _TimedStream

@@ -188,11 +188,11 @@ async def caption_rows(rows: list[Any], *, settings: Settings, backend: CaptionB
         for i in todo:  # the lanes share one iterator: each row is taken exactly once
             await one(i, frames)
 
-    lanes = max(1, concurrency or default_concurrency(settings))
+    lanes = min(max(1, concurrency or default_concurrency(settings)), len(rows) - len(done))
     try:
-        async with FrameSource(settings.video) as frames:
-            async with asyncio.TaskGroup() as group:
-                for _ in range(min(lanes, len(rows) - len(done)) or 0):
+        if lanes > 0:  # a rerun with every row done starts no decoder (nor opens a GPU)
+            async with FrameSource(settings.video) as frames, asyncio.TaskGroup() as group:
+                for _ in range(lanes):
                     group.create_task(lane(frames))
     except ExceptionGroup as eg:
         # Rows catch their own errors, so only a fatal one (settings, engine start-up, dead

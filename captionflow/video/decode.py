@@ -21,9 +21,10 @@ decodes, PyAV downloads each output frame (NV12) to host memory, and libswscale 
 as on the CPU path, so the sampling, skipping, seeking and budgets are the same code. The
 CPU decoders take over, and ``stats.device_fallback`` says why, when the device cannot be
 opened (``device_unavailable``), the codec has no NVDEC decoder (``codec_unsupported``: the
-software decoder runs in the same pass), or NVDEC fails on the stream or misses a frame
-(``hw_decode_failed``: every frame is decoded again on the CPU, so one clip never mixes
-the two decoders' output).
+software decoder runs in the same pass), NVDEC runs out of GPU memory
+(``device_out_of_memory``), or NVDEC fails on the stream or misses a frame
+(``hw_decode_failed``). After the last two every frame is decoded again on the CPU, from a
+clean slate, so one clip never mixes the two decoders' output.
 
 Budgets (``video.max_source_pixels``, ``max_source_frames``, ``max_probe_packets``,
 ``max_duration_s``) are checked from the headers before demuxing, again while demuxing (a
@@ -36,7 +37,7 @@ from __future__ import annotations
 import os
 from array import array
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from fractions import Fraction
 from pathlib import Path
 
@@ -106,7 +107,7 @@ class DecodeStats:
     bytes_read: int = 0  # fetched from an object store by this decode (0 for a local file)
     device: str = "cpu"  # where the frames handed back were decoded
     # Why a GPU decode_device did not decode them: device_unavailable, codec_unsupported,
-    # hw_decode_failed ("" when it did, or when the CPU was asked for).
+    # device_out_of_memory, hw_decode_failed ("" when it did, or when the CPU was asked for).
     device_fallback: str = ""
 
 
@@ -357,18 +358,25 @@ def _decode_on_device(path: Path, index: VideoIndex, target_pts: list[int],
     try:
         _decode_into(path, index, target_pts, got, stats, opts, fast=True, device=device)
     except _DeviceUnavailable:
-        stats.device_fallback = "device_unavailable"
-        return
+        reason = "device_unavailable"
     except _NoDeviceDecoder:
-        stats.device_fallback = "codec_unsupported"
-        return
-    if stats.device == "cpu":  # the software decoder ran in this pass: nothing to redo
-        stats.device_fallback = "codec_unsupported"
-    elif any(p not in got for p in target_pts):
-        stats.device_fallback = "hw_decode_failed"
-        stats.device = "cpu"
-        got.clear()
-        stats.decode_errors = 0
+        reason = "codec_unsupported"
+    except DecodeOutOfMemoryError:
+        # NVDEC's surfaces did not fit in the GPU's memory (FFmpeg's ENOMEM); a host that
+        # is out of memory fails the CPU pass again, as the event's own error.
+        reason = "device_out_of_memory"
+    else:
+        if stats.device == "cpu":  # the software decoder ran in this pass: nothing to redo
+            stats.device_fallback = "codec_unsupported"
+            return
+        if all(p in got for p in target_pts):
+            return
+        reason = "hw_decode_failed"
+    # The CPU pass starts clean: nothing of the abandoned GPU pass is counted or kept.
+    got.clear()
+    for field in fields(DecodeStats):
+        setattr(stats, field.name, field.default)
+    stats.device_fallback = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,6 +401,11 @@ def _decode_into(path: Path, index: VideoIndex, target_pts: list[int], got: dict
             stats.device = device
         ctx.thread_type = "AUTO"
         ctx.thread_count = opts.threads or min(os.cpu_count() or 1, _MAX_AUTO_THREADS)
+        if stats.device != "cpu":
+            # Each frame thread adds a decode surface, and NVDEC refuses more than 32: a
+            # stream with many reference frames would fail. NVDEC decodes asynchronously
+            # anyway; the CPU only parses.
+            ctx.thread_count = 1
         skip_ok = fast and ctx.name in _SKIP_NONREF_CODECS
         seek_ok = fast and index.seekable and len(index.keyframe_pts) > 1
         skip_mode = "DEFAULT"

@@ -94,7 +94,7 @@ def child_main(conn: Connection, memory_limit_bytes: int, device: str = "cpu") -
                 index = probe(**kwargs)
                 conn.send(("ok", index, _peak_rss_bytes()))
             elif task == "decode":
-                _decode_to_memfd(conn, **kwargs)
+                _decode_to_memfd(conn, device_error is not None, **kwargs)
             else:
                 raise InternalError(f"unknown decoder task {task!r}")
         except MemoryError:
@@ -136,7 +136,7 @@ def _touched_limit(limit: int, device: str = "cpu") -> bool:
     return False
 
 
-def _decode_to_memfd(conn: Connection, **kwargs: Any) -> None:
+def _decode_to_memfd(conn: Connection, no_device: bool, **kwargs: Any) -> None:
     fd = os.memfd_create("captionflow-frames", os.MFD_CLOEXEC)
     holder: list[mmap.mmap] = []
 
@@ -146,8 +146,15 @@ def _decode_to_memfd(conn: Connection, **kwargs: Any) -> None:
         holder.append(mmap.mmap(fd, size))
         return np.ndarray(shape, np.uint8, buffer=holder[0])
 
+    # A child that could not open the GPU at start decodes on the CPU without trying again:
+    # each try creates and drops a CUDA context beside the engine's.
+    skipped_device = no_device and kwargs.get("device", "cpu") != "cpu"
+    if skipped_device:
+        kwargs["device"] = "cpu"
     try:
         frames, stats = decode_frames(alloc=alloc, **kwargs)
+        if skipped_device:
+            stats.device_fallback = "device_unavailable"
         shape = frames.shape
         del frames
         conn.send(("frames", shape, asdict(stats), _peak_rss_bytes()))
