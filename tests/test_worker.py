@@ -14,19 +14,10 @@ from captionflow.producer import Publisher
 from captionflow.producer.sources import expand
 from captionflow.schemas import decode_caption_event, decode_dead_letter_event
 from captionflow.serving.base import CaptionBackend, CaptionRequest, CaptionResult
-from tests.support.kafka_helpers import committed_offsets, end_offsets, read_topic
+from tests.support.kafka_helpers import committed_offsets, read_topic, wait_all_committed
 from tests.support.worker_fixtures import reference_captions, running_worker, worker_settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="session")]
-
-
-async def _assert_all_committed(kafka, topic: str, group: str) -> None:
-    ends = await end_offsets(kafka, topic)
-    for _ in range(50):
-        if await committed_offsets(kafka, topic, group) == ends:
-            return
-        await asyncio.sleep(0.1)
-    assert await committed_offsets(kafka, topic, group) == ends
 
 
 async def test_200_events_become_their_own_captions(kafka, topics, group_id, vllm_backend,
@@ -45,7 +36,7 @@ async def test_200_events_become_their_own_captions(kafka, topics, group_id, vll
 
     async with running_worker(settings, vllm_backend) as (worker, _):
         records = await read_topic(kafka, topics.output, expected=200, timeout_s=240)
-        await _assert_all_committed(kafka, topics.input, group_id)
+        await wait_all_committed(kafka, topics.input, group_id)
         batches = worker.metrics.batch_size.collect()[0].samples
     captions = [decode_caption_event(r.value) for r in records]
     assert len(captions) == 200
@@ -96,7 +87,7 @@ async def test_bad_records_each_become_one_dead_letter(kafka, topics, group_id, 
     async with running_worker(settings, vllm_backend):
         captions = await read_topic(kafka, topics.output, expected=len(bad), timeout_s=120)
         dead = await read_topic(kafka, topics.dead_letter, expected=len(bad), timeout_s=60)
-        await _assert_all_committed(kafka, topics.input, group_id)
+        await wait_all_committed(kafka, topics.input, group_id)
     assert len(captions) + len(dead) == consumed
     assert len(captions) == len(bad)
     letters = [decode_dead_letter_event(r.value) for r in dead]
@@ -190,7 +181,7 @@ async def test_two_workers_one_stops_midstream_every_event_captioned(
         w2.stop()
         assert await asyncio.wait_for(t2, 60) == 0
         records = await read_topic(kafka, topics.output, expected=60, timeout_s=180)
-        await _assert_all_committed(kafka, topics.input, group_id)
+        await wait_all_committed(kafka, topics.input, group_id)
     got = collections.Counter(decode_caption_event(r.value).id for r in records)
     assert set(got) == ids
     assert w1.metrics.rebalances.labels("assigned")._value.get() >= 2

@@ -24,7 +24,12 @@ from captionflow.errors import ErrorCode
 from captionflow.kafka import ensure_topics
 from captionflow.producer import Publisher
 from captionflow.schemas import decode_caption_event, decode_dead_letter_event
-from tests.support.kafka_helpers import committed_offsets, end_offsets, read_topic, wait_until
+from tests.support.kafka_helpers import (
+    committed_offsets,
+    read_topic,
+    wait_all_committed,
+    wait_until,
+)
 from tests.support.worker_fixtures import running_worker, worker_settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="session"),
@@ -35,17 +40,6 @@ async def _readyz(worker) -> int:
     async with httpx.AsyncClient() as client:
         response = await client.get(f"http://127.0.0.1:{worker.http_port}/readyz", timeout=5)
     return response.status_code
-
-
-async def _all_committed(kafka, topic: str, group: str) -> None:
-    """Every partition that holds records has its end offset committed."""
-    ends = {p: end for p, end in (await end_offsets(kafka, topic)).items() if end > 0}
-
-    async def done() -> bool:
-        committed = await committed_offsets(kafka, topic, group)
-        return all(committed.get(p) == end for p, end in ends.items())
-
-    await wait_until(done, timeout_s=15)
 
 
 async def test_oversized_records_each_end_as_one_output_and_the_worker_lives(
@@ -74,7 +68,7 @@ async def test_oversized_records_each_end_as_one_output_and_the_worker_lives(
     async with running_worker(settings, vllm_backend) as (worker, task):
         captions = await read_topic(kafka, topics.output, expected=2, timeout_s=120)
         dead = await read_topic(kafka, topics.dead_letter, expected=2, timeout_s=60)
-        await _all_committed(kafka, topics.input, group_id)
+        await wait_all_committed(kafka, topics.input, group_id)
         assert not task.done(), "the worker must keep running"
         assert await _readyz(worker) == 200
 
@@ -141,7 +135,7 @@ async def test_hung_engine_turns_the_worker_not_ready_and_it_recovers_after_sigc
         captions = await read_topic(kafka, topics.output, expected=len(report.sent),
                                     timeout_s=120)
         await wait_until(lambda: worker.health.ready, timeout_s=30)
-        await _all_committed(kafka, topics.input, group_id)
+        await wait_all_committed(kafka, topics.input, group_id)
     assert {decode_caption_event(r.value).id for r in captions} == \
         {ev.id for ev, _ in report.sent}
     assert await read_topic(kafka, topics.dead_letter, expected=0, settle_s=0.3) == []

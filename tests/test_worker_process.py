@@ -3,7 +3,6 @@ exits 0, and a restart neither loses nor duplicates anything."""
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextlib
 import os
@@ -18,7 +17,7 @@ import pytest
 
 from captionflow.producer import Publisher
 from captionflow.schemas import decode_caption_event
-from tests.support.kafka_helpers import committed_offsets, end_offsets, read_topic
+from tests.support.kafka_helpers import read_topic, wait_all_committed
 from tests.support.worker_fixtures import worker_settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -110,12 +109,7 @@ async def test_sigkill_then_sigterm_restarts(kafka, topics, group_id, tiny_setti
         seen = await _captions(kafka, topics.output, first | second | third, 300, c, log)
         again = {i: n for i, n in seen.items() if i in second | third and n > 1}
         assert again == {}, f"duplicated after a graceful stop: {again}"
-        ends = await end_offsets(kafka, topics.input)
-        for _ in range(50):
-            if await committed_offsets(kafka, topics.input, group_id) == ends:
-                break
-            await asyncio.sleep(0.2)
-        assert await committed_offsets(kafka, topics.input, group_id) == ends
+        await wait_all_committed(kafka, topics.input, group_id)
         c.send_signal(signal.SIGTERM)
         assert c.wait(timeout=40) == 0
     finally:

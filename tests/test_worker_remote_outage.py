@@ -13,7 +13,7 @@ import pytest
 
 from captionflow.producer import Publisher
 from captionflow.schemas import decode_caption_event
-from tests.support.kafka_helpers import committed_offsets, end_offsets, read_topic, wait_until
+from tests.support.kafka_helpers import read_topic, wait_all_committed, wait_until
 from tests.support.vllm_server import free_port, kill, start_server, stop
 from tests.support.worker_fixtures import running_worker, worker_settings
 
@@ -71,12 +71,7 @@ async def test_remote_engine_restart_writes_no_dead_letters_and_captions_everyth
             records = await read_topic(kafka, topics.output, expected=N_EVENTS,
                                        timeout_s=240)
             await wait_until(lambda: worker.health.ready, timeout_s=30)
-            ends = await end_offsets(kafka, topics.input)
-
-            async def committed() -> bool:
-                return await committed_offsets(kafka, topics.input, group_id) == ends
-
-            await wait_until(committed, timeout_s=15)
+            await wait_all_committed(kafka, topics.input, group_id)
             outages = worker.metrics.dependency_outages.labels("engine")._value.get()
     finally:
         await backend.close()

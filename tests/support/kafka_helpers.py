@@ -87,6 +87,26 @@ async def committed_offsets(kafka: KafkaSettings, topic: str, group_id: str) -> 
         await consumer.stop()
 
 
+async def wait_all_committed(kafka: KafkaSettings, topic: str, group_id: str, *,
+                             timeout_s: float = 15.0) -> None:
+    """Wait until ``group_id`` has committed the end offset of every partition of ``topic``
+    that holds records (an empty partition has nothing to commit), or fail naming the gap."""
+    ends = {p: end for p, end in (await end_offsets(kafka, topic)).items() if end > 0}
+    assert ends, f"{topic} holds no records"
+    committed: dict[int, int] = {}
+
+    async def done() -> bool:
+        nonlocal committed
+        committed = await committed_offsets(kafka, topic, group_id)
+        return all(committed.get(p) == end for p, end in ends.items())
+
+    try:
+        await wait_until(done, timeout_s=timeout_s, interval_s=0.2)
+    except TimeoutError:
+        raise AssertionError(f"{group_id} committed {committed} on {topic}, "
+                             f"whose end offsets are {ends}") from None
+
+
 async def wait_until(predicate, *, timeout_s: float = 30.0, interval_s: float = 0.1) -> None:
     """Wait until ``predicate()`` (a plain or a coroutine function) is true."""
     loop = asyncio.get_running_loop()
