@@ -247,6 +247,9 @@ def main() -> None:
                                       "conversation": [{"from": "human", "value": ""}]}
                                      for c in clips]))
     env = dict(os.environ)
+    # The seed as it runs without captionflow installed: no captionflow vLLM plugin (its
+    # fast video preprocessing would otherwise reach the seed's engine too).
+    envs = {"seed": {**env, "VLLM_PLUGINS": ""}, "captionflow": env}
     here = Path(__file__).resolve()
     commands = {
         "seed": [sys.executable, str(here), "--side", "seed", "--rows", str(rows_path),
@@ -263,7 +266,7 @@ def main() -> None:
     for pair in range(args.pairs):
         order = ["seed", "captionflow"] if pair % 2 == 0 else ["captionflow", "seed"]
         for side in order:
-            wall_s, peak, out = measure(commands[side], env)
+            wall_s, peak, out = measure(commands[side], envs[side])
             walls[side].append(wall_s)
             peaks[side].append(peak)
             detail = next((line for line in reversed(out.splitlines())

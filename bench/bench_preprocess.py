@@ -30,7 +30,14 @@ included), the median of ``--repeats``:
 The floor is ``ffmpeg -threads 0 -i IN -vf fps=F,scale=W:H -pix_fmt rgb24 -f rawvideo``
 (the child's CPU from ``getrusage``): decoding, sampling and scaling to the same size.
 
+``--server`` measures instead what a real ``vllm serve`` (the openai backend's server,
+tiny model, CPU) spends in its API process per 10 s 448p clip sent with the ``frames``
+transport: started with ``VLLM_PLUGINS=`` (stock processor) and without (captionflow's
+vLLM plugin installs the fast path), alternately, each clip's frames unique so that vLLM's
+processor cache never hits.
+
     .venv/bin/python bench/bench_preprocess.py
+    .venv/bin/python bench/bench_preprocess.py --server
 """
 
 from __future__ import annotations
@@ -251,12 +258,104 @@ async def event_loop_share(requests: int) -> tuple[float, float, float]:
     return (loop_s * 1000 / requests, cpu_s * 1000 / requests, wall_s * 1000 / requests)
 
 
+async def server_cpu(pairs: int, clips: int) -> None:
+    """API-process CPU-ms per 448p clip of a real vLLM server, stock against the plugin."""
+    import dataclasses
+    import signal
+
+    import httpx
+
+    from captionflow.serving.base import CaptionRequest
+    from captionflow.serving.engine_setup import (
+        prepare_vllm_environment,
+        tiny_cpu_settings,
+        vllm_server_command,
+    )
+    from captionflow.serving.openai_client import OpenAIBackend
+    from captionflow.video.source import load_clips
+
+    work = CLIP_DIR / "server"
+    prepare_vllm_environment(work)
+    port = 18_731
+    settings = tiny_cpu_settings(
+        build_tiny_model(CLIP_DIR / "model"), temperature=0.0, max_tokens=4, work_dir=work,
+        # the tiny model merges no patches: a 448p clip is ~4,500 tokens
+        max_model_len=8192, max_num_batched_tokens=8192, openai_base_url=f"http://127.0.0.1:{port}/v1", openai_max_retries=0,
+        mm_processor_kwargs={"min_pixels": 128 * 28 * 28, "max_pixels": 768 * 28 * 28,
+                             "cap_pixels_per_frame": False})
+    name, size, seconds, fps = CLASSES[0]
+    [clip] = load_clips(str(make_clip(size, seconds)),
+                        VideoSettings(any_local_path=True, fps=fps))
+    serial = iter(range(1_000_000))
+
+    def unique() -> CaptionRequest:
+        i = next(serial)
+        frames = clip.frames.copy()
+        frames[:, 0, :8, 0] = np.frombuffer(i.to_bytes(8, "little"), np.uint8)
+        return CaptionRequest(f"r{i}", dataclasses.replace(clip, frames=frames), "Describe.")
+
+    per_clip: dict[str, list[float]] = {"stock": [], "plugin": []}
+    print(f"{name}: {len(clip.frame_indices)} frames at {clip.frames.shape[2]}x"
+          f"{clip.frames.shape[1]}, {clips} clips per server start; load(1 min) "
+          f"{os.getloadavg()[0]:.1f}", flush=True)
+    for pair in range(pairs):
+        for side in ("stock", "plugin") if pair % 2 == 0 else ("plugin", "stock"):
+            env = dict(os.environ)
+            env.pop("VLLM_PLUGINS", None)
+            if side == "stock":
+                env["VLLM_PLUGINS"] = ""
+            log_path = work / f"server-{pair}-{side}.log"
+            with log_path.open("wb") as log:
+                proc = subprocess.Popen(  # noqa: ASYNC220 (returns at once)
+                    vllm_server_command(settings, port=port), env=env, stdout=log,
+                    stderr=subprocess.STDOUT, start_new_session=True)
+            backend = OpenAIBackend(settings)
+            try:
+                async with httpx.AsyncClient() as client:
+                    for _ in range(300):
+                        assert proc.poll() is None, log_path.read_text()[-3000:]
+                        try:
+                            if (await client.get(f"http://127.0.0.1:{port}/health")
+                                    ).status_code == 200:
+                                break
+                        except httpx.HTTPError:
+                            pass
+                        await asyncio.sleep(1.0)
+                await backend.start()
+                for _ in range(2):  # first requests load lazy imports and kernels
+                    await backend.caption(unique())
+                api = psutil.Process(proc.pid)
+                before = sum(api.cpu_times()[:2])
+                for _ in range(clips):
+                    await backend.caption(unique())
+                cpu_ms = (sum(api.cpu_times()[:2]) - before) * 1000 / clips
+            finally:
+                await backend.close()
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=60)
+            plugged = "captionflow fast video preprocessing in use" in log_path.read_text()
+            assert plugged == (side == "plugin"), f"{side} server: plugin loaded={plugged}"
+            per_clip[side].append(cpu_ms)
+            print(f"pair {pair} {side:6s}: API process {cpu_ms:6.1f} CPU-ms per clip, "
+                  f"load {os.getloadavg()[0]:.1f}", flush=True)
+    stock, plugin = (statistics.median(per_clip[k]) for k in ("stock", "plugin"))
+    print(f"median: stock {stock:.1f}, plugin {plugin:.1f} CPU-ms per clip in the API "
+          f"process ({plugin / stock:.2f}x, {stock - plugin:.1f} ms less)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--event-loop", action="store_true",
                         help="only measure the event loop's share on the tiny engine")
+    parser.add_argument("--server", action="store_true",
+                        help="only measure a vLLM server's API process, stock vs plugin")
+    parser.add_argument("--pairs", type=int, default=3, help="server starts per side")
+    parser.add_argument("--clips", type=int, default=20, help="clips per server start")
     args = parser.parse_args()
+    if args.server:
+        asyncio.run(server_cpu(args.pairs, args.clips))
+        return
     if args.event_loop:
         loop_ms, cpu_ms, wall_ms = asyncio.run(event_loop_share(8))
         print(f"per 448p request on the tiny engine: event-loop thread {loop_ms:.1f} CPU-ms "

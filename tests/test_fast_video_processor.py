@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,13 @@ RAW = {"do_rescale": False, "do_normalize": False}  # what vLLM 0.32 asks for by
 
 @pytest.fixture
 def stock_then_fast() -> Iterator[None]:
-    """Start from the stock processor and leave the patch as the session had it."""
+    """Start from the stock processor and leave the patch as the session had it. vLLM
+    loads its plugins (captionflow's installs the patch) once per process: load them first,
+    or a test's first vLLM call would install the patch mid-test."""
+    with contextlib.suppress(ImportError):
+        from vllm.plugins import load_general_plugins
+
+        load_general_plugins()
     was_installed = fast_video_processor.installed()
     fast_video_processor.uninstall()
     yield
@@ -163,3 +170,18 @@ def test_vllm_multimodal_processor_output_is_unchanged(
     assert stock_item["pixel_values_videos"].data.dtype == torch.uint8
     for key in stock_item:
         assert torch.equal(stock_item[key].data, fast_item[key].data), key
+
+
+def test_vllm_loads_the_plugin_from_its_entry_point(stock_then_fast: None,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a `vllm serve` started in this environment does in each of its processes
+    (tests/test_serving_openai_live.py checks the real server's API process)."""
+    from vllm.plugins import DEFAULT_PLUGINS_GROUP, load_plugins_by_group
+
+    monkeypatch.setenv("VLLM_PLUGINS", "some_other_plugin")
+    assert "captionflow_fast_video" not in load_plugins_by_group(DEFAULT_PLUGINS_GROUP)
+    monkeypatch.delenv("VLLM_PLUGINS")
+    plugins = load_plugins_by_group(DEFAULT_PLUGINS_GROUP)
+    assert not fast_video_processor.installed()
+    plugins["captionflow_fast_video"]()
+    assert fast_video_processor.installed()

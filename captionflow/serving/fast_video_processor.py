@@ -29,13 +29,15 @@ grid. When the processor's resize changes the frame size, the stock resize runs 
 same contiguous input it always gets, and only the patchify (and normalize) is replaced.
 
 ``install()`` patches the class in this process only: the frontend of the in-process
-engine. A vLLM server started separately keeps the stock code.
+engine. A ``vllm serve`` started where captionflow is installed gets it from captionflow's
+vLLM plugin (:mod:`captionflow.serving.vllm_plugin`).
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import os
 from typing import Any
 
 import numpy as np
@@ -51,13 +53,18 @@ _PREPROCESS_PARAMS = frozenset({
 _PREPARE_PARAMS = frozenset({"videos", "do_convert_rgb", "input_data_format", "device"})
 
 _stock: dict[str, Any] = {}
+# Where to say, once, that a clip went through the fast path (install's ``announce_to``).
+_announce: list[logging.Logger] = []
 
 
-def install() -> bool:
+def install(announce_to: logging.Logger | None = None) -> bool:
     """Patch ``Qwen2VLVideoProcessor`` in this process; True when the fast path is on.
 
     Idempotent. Returns False (and leaves transformers alone) when the processor's
-    internals are not the ones this path was written against."""
+    internals are not the ones this path was written against. With ``announce_to``, the
+    first clip through the fast path logs an INFO line there naming this process."""
+    if announce_to is not None:
+        _announce[:] = [announce_to]
     try:
         from transformers import Qwen2VLVideoProcessor
     except ImportError:
@@ -183,6 +190,8 @@ def _preprocess(self: Any, videos: list[Any], do_resize: bool, size: Any, resamp
         # Stock fuses rescale into normalize this way (float32 tensors times 1/rescale_factor).
         mean = (torch.tensor(image_mean) * (1.0 / rescale_factor)).numpy().reshape(1, 3, 1)
         std = (torch.tensor(image_std) * (1.0 / rescale_factor)).numpy().reshape(1, 3, 1)
+    if _announce:
+        _announce_first_use()
     start = 0
     for video, count in zip(resized, rows):
         patches = _patch_order(video, patch_size, merge_size, temporal_patch_size)
@@ -215,6 +224,14 @@ def _resized_shape(self: Any, video: Any, size: Any, resample: Any, patch_size: 
                       factor=patch_size * merge_size, temporal_factor=temporal_patch_size,
                       cap_pixels_per_frame=cap_pixels_per_frame)
     return int(out.shape[-2]), int(out.shape[-1])
+
+
+def _announce_first_use() -> None:
+    try:
+        logger = _announce.pop()  # atomic: a second thread here finds the list empty
+    except IndexError:
+        return
+    logger.info("captionflow fast video preprocessing in use (pid %d)", os.getpid())
 
 
 def _patch_order(video: Any, patch_size: int, merge_size: int,
