@@ -131,11 +131,12 @@ class LiveWorker:
     topics: TopicSettings
 
 
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def live_worker(broker: EmbeddedBroker, vllm_backend: CaptionBackend, tiny_settings,
                       caption_videos: list[Path]) -> AsyncIterator[LiveWorker]:
     """A real worker under traffic (captions and dead letters), kept running (and fed an
-    event a second) until the session ends."""
+    event a second) until the module that uses it ends: beyond that it would only load
+    the shared engine under every later test."""
     kafka = broker.kafka_settings()
     n = next(_live_counter)
     topics = TopicSettings(input=f"live{n}.in", output=f"live{n}.out",
