@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="session"),
               pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
 
 OUTAGE_S = 60.0
-N_EVENTS = 12
+N_EVENTS = 40  # enough that requests are in flight when the server dies
 
 
 async def test_remote_engine_restart_writes_no_dead_letters_and_captions_everything(
@@ -53,6 +53,8 @@ async def test_remote_engine_restart_writes_no_dead_letters_and_captions_everyth
         async with running_worker(settings, backend) as (worker, task):
             await read_topic(kafka, topics.output, expected=2, timeout_s=120, settle_s=0)
             await asyncio.to_thread(kill, proc)
+            in_flight_at_kill = worker._tracker.in_flight()
+            assert in_flight_at_kill > 0, "the server died with no request in flight"
             killed_at = time.monotonic()
             unready_seen = False
             async with httpx.AsyncClient() as client:
