@@ -1,7 +1,7 @@
 """Fetch video references and sample frames with PyAV."""
 
 from captionflow.video.clip import Clip, ClipList, ClipStream, VideoFacts
-from captionflow.video.fetch import LocalVideo, fetch, register_fetcher
+from captionflow.video.fetchers import LocalVideo, fetch, register_fetcher
 from captionflow.video.sampling import SamplingPolicy
 from captionflow.video.source import FrameSource, VideoClips, load_clips
 from captionflow.video.windows import Window, plan_windows

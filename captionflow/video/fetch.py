@@ -1,10 +1,8 @@
-"""Resolve a video reference to a local file: allowed local paths, file://, http(s).
+"""The ``file`` and ``http(s)`` fetchers: allowed local paths, file:// and http(s) URLs.
 
-Object stores plug in through :func:`register_fetcher`: a function from (reference,
-settings, download directory) to a :class:`LocalVideo`, or to a
-:class:`~captionflow.video.ranged.RemoteVideo` that the decoder reads in ranges (``s3`` is
-registered here, in ``captionflow/video/s3.py``). The scheme must also be listed in
-``video.allowed_schemes``.
+They are registered, like ``s3`` (``s3.py``) and any third-party scheme, in
+``fetchers.py``, the plug-in point; ``fetch``, ``LocalVideo`` and ``register_fetcher`` are
+re-exported here for existing imports.
 
 HTTP(S) guards, all of them per hop: the host is resolved once, every address it resolves
 to must be public (not loopback, private, link-local, multicast, reserved or a metadata
@@ -23,8 +21,6 @@ import ipaddress
 import os
 import socket
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
@@ -34,76 +30,28 @@ from captionflow.config import VideoSettings
 from captionflow.errors import (
     FetchFailedError,
     FetchTimeoutError,
-    InvalidRequestError,
     VideoForbiddenError,
     VideoNotFoundError,
     VideoTooLargeError,
 )
 from captionflow.video.deadline import Deadline, DeadlineBackend
-from captionflow.video.ranged import RemoteVideo
+from captionflow.video.fetchers import LocalVideo, fetch, register_fetcher
+
+__all__ = ["LocalVideo", "check_address", "embedded_ipv4", "fetch", "fetch_file", "fetch_http",
+           "register_fetcher", "resolve_local"]
 
 _METADATA_HOSTS = frozenset({"metadata.google.internal", "metadata", "instance-data"})
 
 
-@dataclass(frozen=True, slots=True)
-class LocalVideo:
-    """A readable local file; ``temporary`` files are deleted by :meth:`release`."""
-
-    path: Path
-    size_bytes: int
-    temporary: bool = False
-    # Bytes fetched over the network to make this file (None: it was already local).
-    bytes_read: int | None = None
-
-    @property
-    def source(self) -> Path:
-        """What the decoder opens (a :class:`RemoteVideo` is read in ranges instead)."""
-        return self.path
-
-    def release(self) -> None:
-        if self.temporary:
-            self.path.unlink(missing_ok=True)
-
-
-Fetcher = Callable[[str, VideoSettings, Path], "LocalVideo | RemoteVideo"]
-_FETCHERS: dict[str, Fetcher] = {}
-
-
-def register_fetcher(scheme: str, fetcher: Fetcher) -> None:
-    """Make ``scheme://`` references fetchable (e.g. ``s3``); also allow the scheme in
-    ``video.allowed_schemes``."""
-    _FETCHERS[scheme.lower()] = fetcher
-
-
-def fetch(reference: str, settings: VideoSettings) -> LocalVideo | RemoteVideo:
-    """Resolve ``reference`` (a path, ``file://`` or ``scheme://`` URL) to a local file, or
-    to a :class:`RemoteVideo` the decoder reads in ranges (object stores)."""
-    if not reference or "\x00" in reference:
-        raise InvalidRequestError("the video reference is empty or contains a NUL byte")
+def fetch_file(reference: str, settings: VideoSettings, download_dir: Path) -> LocalVideo:
+    """The ``file`` fetcher: a plain path or a ``file://`` URL naming a local path."""
     parts = urlsplit(reference)
-    # One-letter "schemes" are Windows drive letters, i.e. plain paths.
-    scheme = parts.scheme.lower() if len(parts.scheme) > 1 else ""
-    if scheme in ("", "file"):
-        if "file" not in settings.allowed_schemes:
+    if len(parts.scheme) > 1:  # file://; one letter is a Windows drive, i.e. a plain path
+        if parts.netloc not in ("", "localhost"):
             raise VideoForbiddenError(
-                "local files are not allowed: add 'file' to video.allowed_schemes")
-        if scheme == "file":
-            if parts.netloc not in ("", "localhost"):
-                raise VideoForbiddenError(
-                    f"file:// URLs must name a local path, not host {parts.netloc!r}")
-            return resolve_local(unquote(parts.path), settings)
-        return resolve_local(reference, settings)
-    if scheme not in settings.allowed_schemes:
-        raise VideoForbiddenError(
-            f"scheme {scheme!r} is not allowed (video.allowed_schemes="
-            f"{list(settings.allowed_schemes)})")
-    fetcher = _FETCHERS.get(scheme)
-    if fetcher is None:
-        raise InvalidRequestError(
-            f"no fetcher for {scheme}:// references; register one with "
-            "captionflow.video.fetch.register_fetcher")
-    download_dir = settings.download_dir or Path(tempfile.gettempdir())
-    return fetcher(reference, settings, download_dir)
+                f"file:// URLs must name a local path, not host {parts.netloc!r}")
+        return resolve_local(unquote(parts.path), settings)
+    return resolve_local(reference, settings)
 
 
 def resolve_local(reference: str, settings: VideoSettings) -> LocalVideo:
@@ -324,15 +272,3 @@ def _save(url: str, response: httpcore.Response, fields: dict[str, str],
         path.unlink(missing_ok=True)
         raise
     return LocalVideo(path=path, size_bytes=size, temporary=True, bytes_read=size)
-
-
-def _fetch_s3(reference: str, settings: VideoSettings, download_dir: Path
-              ) -> LocalVideo | RemoteVideo:
-    # Imported on first use: boto3 costs start-up time that local-only workers never need.
-    from captionflow.video.s3 import fetch_s3
-    return fetch_s3(reference, settings, download_dir)
-
-
-register_fetcher("http", fetch_http)
-register_fetcher("https", fetch_http)
-register_fetcher("s3", _fetch_s3)

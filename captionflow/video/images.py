@@ -16,7 +16,7 @@ import numpy as np
 
 from captionflow.config import VideoSettings
 from captionflow.errors import InvalidRequestError, VideoTooLargeError, VideoUnreadableError
-from captionflow.video.fetch import fetch
+from captionflow.video.fetchers import fetch
 from captionflow.video.sampling import smart_resize
 
 

@@ -45,7 +45,7 @@ from captionflow.errors import (
     VideoNotFoundError,
     VideoTooLargeError,
 )
-from captionflow.video.fetch import LocalVideo
+from captionflow.video.fetchers import LocalVideo
 from captionflow.video.ranged import RangeCache, RangeReader, RemoteVideo, mp4_hollow_ranges
 
 _CHUNK_BYTES = 1 << 20

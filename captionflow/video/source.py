@@ -34,7 +34,7 @@ from captionflow.errors import (
 )
 from captionflow.video.clip import Clip
 from captionflow.video.decode import DecodeStats, VideoIndex, decode_frames, probe
-from captionflow.video.fetch import LocalVideo, fetch
+from captionflow.video.fetchers import LocalVideo, fetch
 from captionflow.video.ranged import RemoteVideo
 from captionflow.video.pool import DecodePool
 from captionflow.video.sampling import SamplingPolicy
