@@ -1,5 +1,9 @@
 """Closing the vLLM backend stops its engine processes at once and leaves nothing behind: no
-engine core or CPU worker running, none of the shared memory only they mapped."""
+engine core or CPU worker running, none of the shared memory only they mapped.
+
+Written against vLLM 0.32.0, whose internals ``serving/vllm_engine.py`` uses for this
+(``engine_core.resources.engine_manager.processes``, ``shutdown(timeout=0)``, the
+``psm_``/``sem.mp-`` names of multiprocessing's shared memory): this test pins them."""
 
 from __future__ import annotations
 
@@ -22,6 +26,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="session"),
               pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
 
 
+VLLM = "0.32.0"
+
+
 def running(process: psutil.Process) -> bool:
     try:
         return process.status() != psutil.STATUS_ZOMBIE
@@ -31,6 +38,11 @@ def running(process: psutil.Process) -> bool:
 
 async def test_close_stops_the_engine_tree_and_removes_its_shared_memory(
         tiny_settings: ServingSettings) -> None:
+    import vllm
+
+    assert vllm.__version__ == VLLM, (
+        f"vLLM {vllm.__version__} is not {VLLM}, whose engine internals stop_engine uses: "
+        "check this test passes, then update VLLM")
     backend = VllmBackend(tiny_settings)  # its own engine: the session's stays up
     await backend.start()
     try:

@@ -68,10 +68,6 @@ class DependencyGate:
             return 0.0
         return time.monotonic() - state.down_since
 
-    def is_up(self, dependency: Dependency) -> bool:
-        state = self._states.get(dependency)
-        return state is None or state.down_since is None
-
     # --- records ---------------------------------------------------------------------------
 
     async def report(self, error: DependencyError) -> bool:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
-from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.structs import RecordMetadata
 
 from captionflow.config import KafkaSettings
@@ -25,9 +24,30 @@ from captionflow.schemas.events import CaptionEvent
 DROPPABLE_FIELDS = ("metadata", "image", "conversation", "windows")
 
 
+# Kafka's record batch v2 format: the batch header, and the most a record's own fields
+# (attributes, offset and timestamp deltas, length varints) add around key and value.
+BATCH_HEADER_BYTES = 61
+MAX_RECORD_OVERHEAD_BYTES = 21
+
+
+def _varint_bytes(n: int) -> int:
+    """Bytes of ``n`` as a zigzag varint, as the record format writes lengths."""
+    zigzag = (n << 1) ^ (n >> 63)
+    size = 1
+    while zigzag >= 0x80:
+        zigzag >>= 7
+        size += 1
+    return size
+
+
 def record_size(key: bytes | None, value: bytes) -> int:
-    """The size aiokafka checks against ``max_request_size`` for one record."""
-    return int(DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, []))
+    """The size the producer checks against ``max_request_size`` for one record without
+    headers: a one-record batch at its upper bound (tests/test_delivery_units.py checks it
+    equals aiokafka's own estimate)."""
+    fields = 1  # the header count (0)
+    for part in (key, value):
+        fields += _varint_bytes(-1) if part is None else _varint_bytes(len(part)) + len(part)
+    return BATCH_HEADER_BYTES + MAX_RECORD_OVERHEAD_BYTES + fields
 
 
 def fit_caption(event: CaptionEvent, key: str, max_bytes: int) -> tuple[bytes, list[str]]:
@@ -56,10 +76,6 @@ class OutputPublisher:
     def __init__(self, kafka: KafkaSettings) -> None:
         self._kafka = kafka
         self._producer: AIOKafkaProducer | None = None
-
-    @property
-    def max_record_bytes(self) -> int:
-        return self._kafka.max_request_size_bytes
 
     async def start(self) -> None:
         self._producer = await start_producer(self._kafka, client_suffix="-worker-producer")

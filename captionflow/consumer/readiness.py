@@ -55,10 +55,10 @@ class ReadinessWatch:
         return await self._backend.healthy()
 
     async def _probe_broker(self) -> bool:
-        """A real metadata request: aiokafka's cached broker list never empties, so it
-        cannot tell a dead cluster from a live one."""
+        """A real metadata request (``topics()`` asks the cluster each call): aiokafka's
+        cached broker list never empties, so it cannot tell a dead cluster from a live one."""
         try:
-            await self._consumer._client.fetch_all_metadata()
+            await self._consumer.topics()
         except (KafkaError, OSError):
             return False
         return True

@@ -374,6 +374,10 @@ class Worker:
         self.metrics.assigned_partitions.set(len(self._tracker.partitions()))
 
     def _membership_lost(self) -> bool:
+        # aiokafka (pinned 0.13.0) has no public lost-membership signal: its listener gets
+        # only on_partitions_revoked, and a fenced member reaches it with the generation
+        # reset to -1. tests/test_pinned_internals.py::test_aiokafka_fenced_member_*
+        # fails when an upgrade changes that.
         coordinator = getattr(self._consumer, "_coordinator", None)
         return coordinator is not None and getattr(coordinator, "generation", 0) == -1
 

@@ -8,10 +8,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import ConsumerRecord
 
 from captionflow.config import KafkaSettings
-from captionflow.kafka import make_consumer, start_client
+from captionflow.kafka import connection_kwargs, make_consumer, start_client
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ async def subscribe(kafka: KafkaSettings, topics: Sequence[str], *,
     seen = 0
     try:
         if group_id is None:
-            await assign_all(consumer, topics, from_beginning=from_beginning)
+            await assign_all(consumer, kafka, topics, from_beginning=from_beginning)
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s
         while count is None or seen < count:
@@ -66,15 +67,22 @@ async def subscribe(kafka: KafkaSettings, topics: Sequence[str], *,
         await consumer.stop()
 
 
-async def assign_all(consumer: AIOKafkaConsumer, topics: Sequence[str], *,
-                      from_beginning: bool) -> None:
-    partitions = []
-    for topic in topics:
-        found = consumer.partitions_for_topic(topic)
-        if not found:
-            await consumer._client.force_metadata_update()
-            found = consumer.partitions_for_topic(topic) or set()
-        partitions += [TopicPartition(topic, p) for p in sorted(found)]
+async def topic_partitions(kafka: KafkaSettings, topics: Sequence[str]) -> list[TopicPartition]:
+    """Every partition of ``topics``, asked of the cluster now (a consumer's metadata cache
+    only knows the topics it subscribed to, or knew when it started)."""
+    admin = AIOKafkaAdminClient(**connection_kwargs(kafka, client_suffix="-describe"))
+    await start_client(admin, kafka, role="admin client")
+    try:
+        described = await admin.describe_topics(list(topics))
+    finally:
+        await admin.close()
+    found = {t["topic"]: sorted(p["partition"] for p in t["partitions"]) for t in described}
+    return [TopicPartition(topic, p) for topic in topics for p in found.get(topic, [])]
+
+
+async def assign_all(consumer: AIOKafkaConsumer, kafka: KafkaSettings, topics: Sequence[str],
+                     *, from_beginning: bool) -> None:
+    partitions = await topic_partitions(kafka, topics)
     consumer.assign(partitions)
     if from_beginning:
         await consumer.seek_to_beginning(*partitions)

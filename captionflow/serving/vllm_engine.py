@@ -77,7 +77,10 @@ def stop_engine(engine: Any) -> None:
     to be gone and removes the shared memory and semaphores that only they mapped. A named
     semaphore that no process holds open any more cannot be told apart from other
     programs' and is left to multiprocessing's resource tracker, which removes it when
-    this process exits."""
+    this process exits.
+
+    The engine's process list and ``shutdown(timeout=0)`` are vLLM internals (0.32.0),
+    pinned by tests/test_engine_stop.py."""
     processes, files = _engine_processes(engine)
     engine.shutdown(timeout=0)
     _wait_gone(processes, timeout_s=_STOP_WAIT_S)

@@ -9,7 +9,7 @@ from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from captionflow.config import KafkaSettings
-from captionflow.consumer.subscriber import assign_all
+from captionflow.consumer.subscriber import assign_all, topic_partitions
 from captionflow.kafka import make_consumer
 
 
@@ -23,7 +23,7 @@ async def read_topic(kafka: KafkaSettings, topic: str, *, expected: int,
     await consumer.start()
     records: list[ConsumerRecord[bytes, bytes]] = []
     try:
-        await assign_all(consumer, [topic], from_beginning=True)
+        await assign_all(consumer, kafka, [topic], from_beginning=True)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         settle_until: float | None = None
@@ -50,7 +50,7 @@ async def end_offsets(kafka: KafkaSettings, topic: str) -> dict[int, int]:
     consumer = make_consumer(kafka, client_suffix="-test-probe", enable_auto_commit=False)
     await consumer.start()
     try:
-        await assign_all(consumer, [topic], from_beginning=True)
+        await assign_all(consumer, kafka, [topic], from_beginning=True)
         tps = list(consumer.assignment())
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 10
@@ -76,12 +76,10 @@ async def committed_offsets(kafka: KafkaSettings, topic: str, group_id: str) -> 
                              enable_auto_commit=False)
     await consumer.start()
     try:
-        await consumer._client.force_metadata_update()
-        parts = consumer.partitions_for_topic(topic) or set()
         out = {}
-        for p in sorted(parts):
-            c = await consumer.committed(TopicPartition(topic, p))
-            out[p] = -1 if c is None else c
+        for tp in await topic_partitions(kafka, [topic]):
+            c = await consumer.committed(tp)
+            out[tp.partition] = -1 if c is None else c
         return out
     finally:
         await consumer.stop()
