@@ -83,7 +83,7 @@ class OpenAIBackend(CaptionBackend):
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.settings = settings
         self._transport = transport
-        self._client: httpx.AsyncClient | None = None
+        self._http: httpx.AsyncClient | None = None
         self._slots = asyncio.Semaphore(settings.openai_max_concurrency)
 
     @property
@@ -91,27 +91,27 @@ class OpenAIBackend(CaptionBackend):
         return self.settings.served_model_name or self.settings.model
 
     async def start(self) -> None:
-        if self._client is not None:
+        if self._http is not None:
             return
         headers = {}
         if self.settings.openai_api_key is not None:
             headers["Authorization"] = f"Bearer {self.settings.openai_api_key.get_secret_value()}"
         timeout = httpx.Timeout(self.settings.openai_timeout_s,
                                 connect=min(10.0, self.settings.openai_timeout_s))
-        self._client = httpx.AsyncClient(
+        self._http = httpx.AsyncClient(
             base_url=self.settings.openai_base_url.rstrip("/") + "/", headers=headers,
             timeout=timeout, transport=self._transport)
 
     async def close(self) -> None:
-        client, self._client = self._client, None
+        client, self._http = self._http, None
         if client is not None:
             await client.aclose()
 
     async def healthy(self) -> bool:
-        if self._client is None:
+        if self._http is None:
             return False
         try:
-            response = await self._client.get("models", timeout=5.0)
+            response = await self._http.get("models", timeout=5.0)
         except httpx.HTTPError:
             return False
         return response.status_code == 200
@@ -168,7 +168,7 @@ class OpenAIBackend(CaptionBackend):
         return body
 
     async def caption(self, request: CaptionRequest) -> CaptionResult:
-        if self._client is None:
+        if self._http is None:
             raise EngineDeadError("the openai backend is not started; call start() first")
         # PNG-encoding the frames and images is CPU work: keep it off the event loop.
         body = await asyncio.to_thread(self.request_body, request)
@@ -196,14 +196,14 @@ class OpenAIBackend(CaptionBackend):
                 f"{self.settings.openai_base_url}: {str(data)[:300]}") from e
 
     async def _post_with_retries(self, request_id: str, body: dict[str, Any]) -> dict[str, Any]:
-        assert self._client is not None
+        assert self._http is not None
         attempts = self.settings.openai_max_retries + 1
         last: CaptionflowError | None = None
         for attempt in range(attempts):
             if attempt:
                 await asyncio.sleep(self._backoff_s(attempt, last))
             try:
-                response = await self._client.post(
+                response = await self._http.post(
                     "chat/completions", json=body, headers={"X-Request-Id": request_id})
             except httpx.TimeoutException as e:
                 last = EngineTimeoutError(
