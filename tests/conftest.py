@@ -15,5 +15,6 @@ pytest_plugins = [
         "tests.support.model_fixtures",
         "tests.support.worker_fixtures",
         "tests.support.s3_fixtures",
+        "tests.support.vllm_server",
     ) if importlib.util.find_spec(name) is not None
 ]

