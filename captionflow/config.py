@@ -49,21 +49,33 @@ class _Section(BaseModel):
 class KafkaSettings(_Section):
     """How to reach the cluster. SASL/SSL values are handed to aiokafka unchanged."""
 
-    bootstrap_servers: str = "127.0.0.1:9092"
-    client_id: str = "captionflow"
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    ssl_cafile: Path | None = None
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
+    bootstrap_servers: str = Field(
+        "127.0.0.1:9092", description="Comma-separated host:port list of the Kafka brokers.")
+    client_id: str = Field(
+        "captionflow", description="Prefix of every Kafka client id (a suffix names the role).")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="How to talk to the brokers: plain, TLS, SASL, or SASL over TLS.")
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512",
+                            "OAUTHBEARER"] | None = Field(
+        None, description="SASL mechanism; needed with SASL_PLAINTEXT or SASL_SSL.")
+    sasl_username: str | None = Field(
+        None, description="SASL user (PLAIN and SCRAM mechanisms).")
+    sasl_password: SecretStr | None = Field(
+        None, description="SASL password (PLAIN and SCRAM mechanisms); never logged.")
+    ssl_cafile: Path | None = Field(
+        None, description="CA bundle that signed the brokers' certificates.")
+    ssl_certfile: Path | None = Field(
+        None, description="Client certificate for mutual TLS (with ssl_keyfile).")
+    ssl_keyfile: Path | None = Field(
+        None, description="Client key for mutual TLS (with ssl_certfile).")
     # auto: idempotent where the cluster can give producer ids (real Kafka); where it cannot
     # (the embedded Tansu broker, docs/broker.md), one warning and a plain producer.
     # true: required, start-up fails without it. false: off.
     enable_idempotence: bool | Literal["auto"] = "auto"
-    acks: Literal["all", "1", "0"] = "all"
-    request_timeout_ms: int = Field(30_000, gt=0)
+    acks: Literal["all", "1", "0"] = Field(
+        "all", description="Broker acknowledgements a produced record waits for.")
+    request_timeout_ms: int = Field(30_000, gt=0,
+        description="Deadline of one Kafka request.")
     # aiokafka's client-side limit on one produced request; caption events stay far below.
     max_request_size_bytes: int = Field(1_048_576, gt=0)
     # Input records above this size go to the dead-letter topic as payload_too_large.
@@ -105,12 +117,16 @@ class KafkaSettings(_Section):
 
 
 class TopicSettings(_Section):
-    input: str = "captionflow.videos"
-    output: str = "captionflow.captions"
-    dead_letter: str = "captionflow.dead-letter"
+    input: str = Field(
+        "captionflow.videos", description="Topic the workers consume video events from.")
+    output: str = Field(
+        "captionflow.captions", description="Topic caption events are published to.")
+    dead_letter: str = Field(
+        "captionflow.dead-letter", description="Topic dead-letter events are published to.")
     # Used when captionflow creates the topics (embedded broker, `captionflow topics create`).
     partitions: int = Field(4, ge=1)
-    replication_factor: int = Field(1, ge=1)
+    replication_factor: int = Field(1, ge=1,
+        description="Replication factor when captionflow creates the topics.")
 
     @model_validator(mode="after")
     def _distinct(self) -> TopicSettings:
@@ -134,20 +150,27 @@ class VideoSettings(_Section):
     # Loopback/private/link-local/metadata addresses are refused unless inside one of these
     # CIDRs (e.g. "10.0.0.0/8" for an in-cluster media server).
     fetch_allowed_networks: tuple[str, ...] = ()
-    max_video_bytes: int = Field(2 * 1024**3, gt=0)
-    fetch_connect_timeout_s: float = Field(5.0, gt=0)
-    fetch_read_timeout_s: float = Field(30.0, gt=0)
+    max_video_bytes: int = Field(2 * 1024**3, gt=0,
+        description="Largest video accepted (file size or download); above: video_too_large.")
+    fetch_connect_timeout_s: float = Field(5.0, gt=0,
+        description="Connect timeout of each http(s) hop.")
+    fetch_read_timeout_s: float = Field(30.0, gt=0,
+        description="Longest wait for the next bytes of an http(s) response.")
     # Whole download, so a server trickling bytes cannot hold a worker forever.
     fetch_total_timeout_s: float = Field(600.0, gt=0)
-    fetch_max_redirects: int = Field(5, ge=0)
+    fetch_max_redirects: int = Field(5, ge=0,
+        description="Most http(s) redirects followed, each checked again.")
     # Downloads go here (deleted after decoding); None = the system temp directory.
     download_dir: Path | None = None
     # s3:// references (docs/storage.md; add "s3" to allowed_schemes). None leaves a value
     # to the AWS chain: AWS_ENDPOINT_URL, AWS_REGION, AWS_PROFILE, config files, roles.
     s3_endpoint_url: str | None = None
-    s3_region: str | None = None
-    s3_profile: str | None = None
-    s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    s3_region: str | None = Field(
+        None, description="Region of the object store (unset: the AWS chain's).")
+    s3_profile: str | None = Field(
+        None, description="AWS profile to take credentials from (unset: the default chain).")
+    s3_addressing_style: Literal["auto", "path", "virtual"] = Field(
+        "auto", description="Bucket in the path or in the host name (S3-compatible stores: path).")
     # Attempts per S3 request (botocore's standard retries: throttling, 5xx, resets).
     s3_max_attempts: int = Field(3, ge=1)
     # Objects up to this size are downloaded in one GET; larger ones are decoded straight
@@ -157,18 +180,25 @@ class VideoSettings(_Section):
     s3_min_read_bytes: int = Field(128 * 1024, gt=0)
     s3_max_read_bytes: int = Field(8 * 1024**2, gt=0)
     s3_cache_bytes: int = Field(32 * 1024**2, gt=0)
-    max_duration_s: float = Field(3 * 3600.0, gt=0)
+    max_duration_s: float = Field(3 * 3600.0, gt=0,
+        description="Longest video accepted; above: video_too_long.")
     # Sampling defaults; events may override them within the limits below.
     fps: float = Field(2.0, gt=0)
-    min_frames: int = Field(4, ge=1)
-    max_frames: int = Field(768, ge=2)
-    min_pixels: int = Field(128 * 28 * 28, gt=0)
-    max_pixels: int = Field(768 * 28 * 28, gt=0)
-    total_pixels: int = Field(24576 * 28 * 28, gt=0)
+    min_frames: int = Field(4, ge=1,
+        description="Fewest frames sampled from a video.")
+    max_frames: int = Field(768, ge=2,
+        description="Most frames sampled from a video (or window).")
+    min_pixels: int = Field(128 * 28 * 28, gt=0,
+        description="Fewest pixels a sampled frame is resized to.")
+    max_pixels: int = Field(768 * 28 * 28, gt=0,
+        description="Most pixels a sampled frame is resized to.")
+    total_pixels: int = Field(24576 * 28 * 28, gt=0,
+        description="Pixel budget of all frames of one clip; frames shrink to fit it.")
     # Long videos: split into windows of this many seconds (0 = one request per video).
     # A last piece shorter than window_min_remainder_s is merged into the window before it.
     window_s: float = Field(0.0, ge=0)
-    window_overlap_s: float = Field(0.0, ge=0)
+    window_overlap_s: float = Field(0.0, ge=0,
+        description="Seconds each window overlaps the one before it (video.window_s).")
     window_min_remainder_s: float = Field(0.0, ge=0)
     # Codec threads per decode; 0 = one per core, at most 8 (each holds a frame in flight).
     decode_threads: int = Field(0, ge=0)
@@ -189,8 +219,10 @@ class VideoSettings(_Section):
     # Budgets checked from the container/stream headers before demuxing and again while
     # probing (headers can lie), all before any full-resolution decode.
     max_source_pixels: int = Field(7680 * 4320, gt=0)  # source width * height
-    max_source_frames: int = Field(1_000_000, gt=0)
-    max_probe_packets: int = Field(2_000_000, gt=0)
+    max_source_frames: int = Field(1_000_000, gt=0,
+        description="Most frames a source may declare or the probe count: video_too_many_frames.")
+    max_probe_packets: int = Field(2_000_000, gt=0,
+        description="Most packets the probe reads; above: video_too_many_frames.")
     max_windows: int = Field(512, ge=1)  # windows per event (video.window_s)
     # Windows of one event decoded and captioned at a time: an event's frame memory is this
     # many windows' frames, whatever the video's length.
@@ -219,83 +251,124 @@ class VideoSettings(_Section):
 class ServingSettings(_Section):
     """The captioning backend. Defaults are DataFlow-MM's LocalModelVLMServing_vllm values."""
 
-    backend: Literal["vllm", "openai", "transformers"] = "vllm"
-    model: str = DEFAULT_MODEL
-    download_dir: Path | None = None
-    served_model_name: str | None = None
-    tensor_parallel_size: int = Field(1, ge=1)
-    temperature: float = Field(0.7, ge=0)
-    top_p: float = Field(0.9, gt=0, le=1)
-    top_k: int = -1
-    repetition_penalty: float = Field(1.0, gt=0)
-    max_tokens: int = Field(2048, ge=1)
-    seed: int | None = None
+    backend: Literal["vllm", "openai", "transformers"] = Field(
+        "vllm", description="vllm (in-process engine), openai (OpenAI server), transformers.")
+    model: str = Field(
+        DEFAULT_MODEL, description="Hugging Face model id or local directory.")
+    download_dir: Path | None = Field(
+        None, description="Where model weights are downloaded (unset: the Hugging Face cache).")
+    served_model_name: str | None = Field(
+        None, description="Model name sent to an openai server (unset: serving.model).")
+    tensor_parallel_size: int = Field(1, ge=1,
+        description="GPUs the vLLM engine shards the model over.")
+    temperature: float = Field(0.7, ge=0,
+        description="Sampling temperature (0: greedy).")
+    top_p: float = Field(0.9, gt=0, le=1,
+        description="Nucleus sampling: keep the smallest token set with this probability.")
+    top_k: int = Field(
+        -1, description="Keep only the k likeliest tokens (-1: all).")
+    repetition_penalty: float = Field(1.0, gt=0,
+        description="Penalty on repeated tokens (1: none).")
+    max_tokens: int = Field(2048, ge=1,
+        description="Most tokens generated per caption.")
+    seed: int | None = Field(
+        None, description="Sampling seed (unset: random).")
     # Engine fields left unset are filled in at start-up by captionflow.serving.engine_plan
     # (max_model_len clamped to the model's limit; on a CPU also dtype, enforce_eager and
     # kv_cache_memory_bytes); fields given explicitly are kept, or refused with the fix.
     max_model_len: int = Field(51200, ge=16)
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1,
+        description="Share of GPU memory the vLLM engine may take.")
     dtype: str = "auto"
-    max_num_seqs: int | None = Field(None, ge=1)
+    max_num_seqs: int | None = Field(None, ge=1,
+        description="Most sequences the engine runs at once (unset: planned).")
     # vLLM's tokens per scheduler step, which also sizes its encoder cache: it must hold the
     # largest video the video.* sampling budgets allow (unset: sized so). It may be below
     # max_model_len, since long prompts are prefilled in chunks.
     max_num_batched_tokens: int | None = Field(None, ge=16)
-    enforce_eager: bool = False
+    enforce_eager: bool = Field(
+        False, description="Run vLLM without CUDA graphs or compilation.")
     # CPU engine: bytes of KV cache (vLLM's VLLM_CPU_KVCACHE_SPACE only takes whole GiB);
     # unset on a CPU: a share of free memory.
     kv_cache_memory_bytes: int | None = Field(None, gt=0)
     # "image" > 0 sends up to that many of an event's `image` references to the model (before
     # the video); 0, the default, carries them through to the caption event unsent.
     limit_mm_per_prompt: dict[str, int] = Field(default_factory=lambda: {"image": 0, "video": 1})
-    mm_processor_kwargs: dict[str, Any] = Field(default_factory=dict)
-    trust_remote_code: bool = False
+    mm_processor_kwargs: dict[str, Any] = Field(default_factory=dict,
+        description="Extra arguments for the model's multimodal processor.")
+    trust_remote_code: bool = Field(
+        False, description="Allow a model's own code from its repository.")
     # Where vLLM keeps its cache, RPC sockets and temp files (VLLM_CACHE_ROOT,
     # VLLM_RPC_BASE_PATH, TMPDIR); a fresh temp dir when unset.
     work_dir: Path | None = None
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    default_prompt: str = DEFAULT_PROMPT
+    system_prompt: str = Field(
+        DEFAULT_SYSTEM_PROMPT, description="System message of every request.")
+    default_prompt: str = Field(
+        DEFAULT_PROMPT, description="User prompt when an event gives none.")
     # Windowed videos: one more text-only request turns the window captions (with their
     # timestamps) into one caption; an event's options.summarize overrides this.
     summarize_windows: bool = False
-    summary_prompt: str = DEFAULT_SUMMARY_PROMPT
+    summary_prompt: str = Field(
+        DEFAULT_SUMMARY_PROMPT,
+        description="Prompt of the request that summarizes window captions.")
     # Named JSON Schemas an event may pick with options.json_schema_name.
     json_schemas: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # openai backend
     openai_base_url: str = "http://127.0.0.1:8000/v1"
-    openai_api_key: SecretStr | None = None
-    openai_timeout_s: float = Field(600.0, gt=0)
+    openai_api_key: SecretStr | None = Field(
+        None, description="Bearer token for the openai backend's server; never logged.")
+    openai_timeout_s: float = Field(600.0, gt=0,
+        description="HTTP timeout of one request to the openai server.")
     # Deadline of one caption request in any backend, queueing inside the engine included;
     # a request past it fails with engine_timeout (a dependency error).
     request_timeout_s: float = Field(600.0, gt=0)
     # A server's Retry-After is obeyed up to this many seconds.
     retry_after_max_s: float = Field(30.0, ge=0)
-    openai_max_concurrency: int = Field(16, ge=1)
-    openai_max_retries: int = Field(3, ge=0)
-    openai_retry_backoff_ms: int = Field(500, ge=0)
+    openai_max_concurrency: int = Field(16, ge=1,
+        description="Most requests in flight to the openai server.")
+    openai_max_retries: int = Field(3, ge=0,
+        description="Retries of a failed request to the openai server.")
+    openai_retry_backoff_ms: int = Field(500, ge=0,
+        description="First backoff between those retries (doubling).")
     # How the openai backend sends frames: as an inline data URL of the sampled frames.
     openai_video_transport: Literal["frames", "url"] = "frames"
 
 
 class WorkerSettings(_Section):
-    group_id: str = "captionflow-workers"
-    max_batch_size: int = Field(8, ge=1)
-    max_wait_ms: int = Field(50, ge=0)
+    group_id: str = Field(
+        "captionflow-workers", description="Kafka consumer group of the workers.")
+    max_batch_size: int = Field(8, ge=1,
+        description="Most events handed to the engine in one micro-batch.")
+    max_wait_ms: int = Field(50, ge=0,
+        description="Longest a micro-batch waits to fill before it is sent.")
     # Pause partitions above the high watermark of in-flight events, resume below the low.
     max_in_flight: int = Field(32, ge=1)
-    resume_in_flight: int = Field(16, ge=0)
-    commit_interval_ms: int = Field(1000, ge=10)
-    poll_timeout_ms: int = Field(200, ge=1)
-    max_poll_records: int = Field(64, ge=1)
-    max_attempts: int = Field(3, ge=1)
-    retry_backoff_ms: int = Field(200, ge=0)
-    retry_backoff_max_ms: int = Field(5000, ge=0)
-    shutdown_grace_s: float = Field(25.0, gt=0)
-    revoke_grace_s: float = Field(10.0, gt=0)
-    session_timeout_ms: int = Field(10_000, gt=0)
-    heartbeat_interval_ms: int = Field(3_000, gt=0)
-    max_poll_interval_ms: int = Field(300_000, gt=0)
-    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    resume_in_flight: int = Field(16, ge=0,
+        description="Partitions resume when in-flight events fall below this.")
+    commit_interval_ms: int = Field(1000, ge=10,
+        description="How often finished offsets are committed.")
+    poll_timeout_ms: int = Field(200, ge=1,
+        description="Longest one poll of the broker waits for records.")
+    max_poll_records: int = Field(64, ge=1,
+        description="Most records one poll returns.")
+    max_attempts: int = Field(3, ge=1,
+        description="Tries of a record that fails with a retriable event error.")
+    retry_backoff_ms: int = Field(200, ge=0,
+        description="First backoff between those tries (doubling, with jitter).")
+    retry_backoff_max_ms: int = Field(5000, ge=0,
+        description="Cap of that backoff.")
+    shutdown_grace_s: float = Field(25.0, gt=0,
+        description="On SIGTERM, how long in-flight events may finish before exit.")
+    revoke_grace_s: float = Field(10.0, gt=0,
+        description="On a rebalance, how long revoked partitions' events may finish.")
+    session_timeout_ms: int = Field(10_000, gt=0,
+        description="Consumer-group session timeout: a silent member is expelled after it.")
+    heartbeat_interval_ms: int = Field(3_000, gt=0,
+        description="Consumer-group heartbeat interval.")
+    max_poll_interval_ms: int = Field(300_000, gt=0,
+        description="Longest gap between polls before the member is expelled.")
+    auto_offset_reset: Literal["earliest", "latest"] = Field(
+        "earliest", description="Where a group without committed offsets starts reading.")
     # Liveness: a record must have finished within this many seconds, unless there was
     # nothing to do (idle, or waiting on a dependency that is down and being probed).
     liveness_timeout_s: float = Field(60.0, gt=0)
@@ -311,7 +384,8 @@ class WorkerSettings(_Section):
     # Dependency outages: probe with capped exponential backoff (with jitter) until the
     # dependency answers; each probe gets probe_timeout_s.
     probe_backoff_initial_ms: int = Field(500, gt=0)
-    probe_backoff_max_ms: int = Field(15_000, gt=0)
+    probe_backoff_max_ms: int = Field(15_000, gt=0,
+        description="Cap of the probe backoff.")
     probe_timeout_s: float = Field(5.0, gt=0)
     # The broker unreachable this long: exit non-zero so fresh clients reconnect (0 = never).
     broker_down_exit_s: float = Field(600.0, ge=0)
@@ -354,9 +428,12 @@ class WorkerSettings(_Section):
 
 
 class MetricsSettings(_Section):
-    enabled: bool = True
-    host: str = "0.0.0.0"
-    port: int = Field(9400, ge=0, le=65535)
+    enabled: bool = Field(
+        True, description="Serve /metrics, /healthz and /readyz.")
+    host: str = Field(
+        "0.0.0.0", description="Address the metrics and health endpoints listen on.")
+    port: int = Field(9400, ge=0, le=65535,
+        description="Port of the metrics and health endpoints (0: any free port).")
 
 
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
