@@ -44,7 +44,8 @@ class Metrics:
         self.in_flight = Gauge(
             "captionflow_in_flight_events", "Consumed events not yet published.", registry=r)
         self.paused_partitions = Gauge(
-            "captionflow_paused_partitions", "Assigned partitions paused by backpressure.",
+            "captionflow_paused_partitions",
+            "Assigned partitions paused (backpressure, a dependency outage or the poison guard).",
             registry=r)
         self.assigned_partitions = Gauge(
             "captionflow_assigned_partitions", "Partitions assigned to this worker.", registry=r)
@@ -83,10 +84,12 @@ class Metrics:
             "captionflow_commits_total", "Offset commits, by result (ok, failed).", ["result"],
             registry=r)
         self.ready = Gauge(
-            "captionflow_ready", "1 when the broker and the engine answer.", registry=r)
+            "captionflow_ready", "1 when /readyz is 200: every dependency answers, the poison "
+            "guard has not tripped and the worker is not stopping.", registry=r)
         self.dependency_up = Gauge(
             "captionflow_dependency_up",
-            "1 when a dependency answers, by dependency (broker, engine).", ["dependency"],
+            "1 when a dependency answers, by dependency (broker, engine, object_store).",
+            ["dependency"],
             registry=r)
         self.dependency_outages = Counter(
             "captionflow_dependency_outages_total",

@@ -56,7 +56,9 @@ _STATUS_DOC = ("ok; truncated (finish_reason length); repetitive (the n-gram rep
 
 
 class EventOptions(_Model):
-    """Per-event overrides; the worker clamps them to its configured limits."""
+    """Per-event overrides. Frame sampling values (fps, nframes, frame and pixel bounds) are
+    clamped to the worker's video limits; generation values (``sampling``) go to the engine
+    as given, which refuses impossible ones (invalid_request)."""
 
     prompt: str | None = Field(None, description="Overrides the conversation's human turn.")
     fps: float | None = Field(None, gt=0)
