@@ -145,7 +145,8 @@ class VideoSettings(_Section):
     # current directory (DataFlow's rule). Batch mode and the Python API turn it on, as their
     # user names their own files; the worker keeps it off, its producers are not trusted.
     any_local_path: bool = False
-    # "file", "http", "https", or a scheme registered with captionflow.video.fetch.
+    # "file", "http", "https", "s3", or a scheme registered with
+    # captionflow.video.register_fetcher.
     allowed_schemes: tuple[str, ...] = ("file", "http", "https")
     # Loopback/private/link-local/metadata addresses are refused unless inside one of these
     # CIDRs (e.g. "10.0.0.0/8" for an in-cluster media server).
@@ -281,7 +282,7 @@ class ServingSettings(_Section):
         description="Share of GPU memory the vLLM engine may take.")
     dtype: str = "auto"
     max_num_seqs: int | None = Field(None, ge=1,
-        description="Most sequences the engine runs at once (unset: planned).")
+        description="Most sequences the engine runs at once (unset: vLLM's default).")
     # vLLM's tokens per scheduler step, which also sizes its encoder cache: it must hold the
     # largest video the video.* sampling budgets allow (unset: sized so). It may be below
     # max_model_len, since long prompts are prefilled in chunks.

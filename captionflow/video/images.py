@@ -1,6 +1,6 @@
 """Load an event's ``image`` references for the model: fetched like videos, resized like frames.
 
-Each reference goes through :func:`captionflow.video.fetch.fetch`, so images obey the same
+Each reference goes through :func:`captionflow.video.fetchers.fetch`, so images obey the same
 allowed roots, schemes, HTTP guards and size limit (``video.max_video_bytes``) as videos.
 Decoding is Pillow's (EXIF orientation applied, converted to RGB, the first frame of an
 animation), then qwen-vl-utils' ``fetch_image`` resize: the nearest multiple-of-28 size
