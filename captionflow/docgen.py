@@ -124,11 +124,6 @@ def setting_rows() -> list[list[str]]:
     return rows
 
 
-def settings_table() -> str:
-    return _table(["setting", "environment variable", "type", "default", "help"],
-                  setting_rows())
-
-
 def settings_without_help() -> list[str]:
     return [row[0].strip("`") for row in setting_rows() if not row[4]]
 

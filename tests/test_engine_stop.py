@@ -1,5 +1,10 @@
-"""Closing the vLLM backend stops its engine processes at once and leaves nothing behind: no
-engine core or CPU worker running, none of the shared memory only they mapped.
+"""Closing the vLLM backend: mid-flight, every waiter fails with EngineDeadError (no hang);
+and the engine's processes stop at once and leave nothing behind: no engine core or CPU
+worker running, none of the shared memory only they mapped.
+
+One engine of its own (the session's must survive) serves both tests: the module's
+scenario captions a request, notes the engine's processes and shared memory, sends 12
+long requests and closes the engine while they run; each test asserts one side of it.
 
 Written against vLLM 0.32.0, whose internals ``serving/vllm_engine.py`` uses for this
 (``engine_core.resources.engine_manager.processes``, ``shutdown(timeout=0)``, the
@@ -7,11 +12,17 @@ Written against vLLM 0.32.0, whose internals ``serving/vllm_engine.py`` uses for
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
+import pytest_asyncio
 
 from captionflow.config import ServingSettings
 from captionflow.errors import EngineDeadError
@@ -25,8 +36,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="session"),
               pytest.mark.filterwarnings("ignore:Unclosed context:ResourceWarning"),
               pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
 
-
 VLLM = "0.32.0"
+N_WAITERS = 12
 
 
 def running(process: psutil.Process) -> bool:
@@ -36,34 +47,73 @@ def running(process: psutil.Process) -> bool:
         return False
 
 
+@dataclass
+class Closed:
+    backend: VllmBackend
+    first_tokens: int
+    processes: list[Any]
+    names: set[str]
+    shm_files: set[str]
+    # Whether every psm_ file existed while the engine ran.
+    shm_existed: bool
+    close_s: float
+    results: list[Any]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def closed_mid_flight(tiny_settings: ServingSettings) -> AsyncIterator[Closed]:
+    backend = VllmBackend(tiny_settings.model_copy(update={"max_tokens": 400}))
+    await backend.start()
+    try:
+        first = await backend.caption(CaptionRequest(
+            "stop-1", synthetic_clip(0, frames=4, fps=1.0), "", {"max_tokens": 12}))
+        processes, shm_files = _engine_processes(backend.engine)
+        names = {p.name() for p in processes}
+        shm_existed = all(Path("/dev/shm", f).exists() for f in shm_files
+                          if f.startswith("psm_"))
+        waiters = [asyncio.create_task(backend.caption(
+            CaptionRequest(f"d{i}", synthetic_clip(400 + i), "", {"max_tokens": 400})))
+            for i in range(N_WAITERS)]
+        await asyncio.sleep(0.5)
+        started = time.monotonic()
+    finally:
+        await backend.close()
+    results = await asyncio.wait_for(asyncio.gather(*waiters, return_exceptions=True), 30)
+    yield Closed(backend, first.completion_tokens, processes, names, shm_files, shm_existed,
+                 time.monotonic() - started, results)
+
+
+async def test_close_mid_flight_fails_every_waiter(closed_mid_flight: Closed) -> None:
+    c = closed_mid_flight
+    assert c.close_s < 30
+    failed = [r for r in c.results if isinstance(r, EngineDeadError)]
+    assert failed and len(failed) + sum(
+        not isinstance(r, BaseException) for r in c.results) == N_WAITERS
+    assert all("shut down" in str(r) for r in failed)
+    with pytest.raises(EngineDeadError):
+        await c.backend.caption(CaptionRequest("after", synthetic_clip(1), ""))
+    assert not await c.backend.healthy()
+
+
 async def test_close_stops_the_engine_tree_and_removes_its_shared_memory(
-        tiny_settings: ServingSettings) -> None:
+        closed_mid_flight: Closed) -> None:
     import vllm
 
     assert vllm.__version__ == VLLM, (
         f"vLLM {vllm.__version__} is not {VLLM}, whose engine internals stop_engine uses: "
         "check this test passes, then update VLLM")
-    backend = VllmBackend(tiny_settings)  # its own engine: the session's stays up
-    await backend.start()
-    try:
-        result = await backend.caption(CaptionRequest("stop-1", synthetic_clip(0, frames=4,
-                                                                               fps=1.0), ""))
-        assert result.completion_tokens > 0
-        processes, shm_files = _engine_processes(backend.engine)
-        names = {p.name() for p in processes}
-        # The CPU engine: the engine core and the worker process it starts.
-        assert len(processes) >= 2, names
-        assert any(f.startswith("psm_") for f in shm_files), shm_files
-        assert all(Path("/dev/shm", f).exists() for f in shm_files if f.startswith("psm_"))
-    finally:
-        await backend.close()
-
-    assert not [p.pid for p in processes if running(p)]
-    assert not [f for f in shm_files if Path("/dev/shm", f).exists()]
+    c = closed_mid_flight
+    assert c.first_tokens > 0
+    # The CPU engine: the engine core and the worker process it starts.
+    assert len(c.processes) >= 2, c.names
+    assert any(f.startswith("psm_") for f in c.shm_files), c.shm_files
+    assert c.shm_existed
+    assert not [p.pid for p in c.processes if running(p)]
+    assert not [f for f in c.shm_files if Path("/dev/shm", f).exists()]
     # This process's own children: the decoders and engines of other tests aside, none
     # of the stopped engine's processes is left for anyone to reap but init.
     own = {c.pid for c in psutil.Process(os.getpid()).children(recursive=True)}
-    assert not own & {p.pid for p in processes if running(p)}
+    assert not own & {p.pid for p in c.processes if running(p)}
     with pytest.raises(EngineDeadError):
-        await backend.caption(CaptionRequest("stop-2", synthetic_clip(1, frames=4, fps=1.0),
-                                             ""))
+        await c.backend.caption(CaptionRequest("stop-2", synthetic_clip(1, frames=4,
+                                                                        fps=1.0), ""))

@@ -1,5 +1,10 @@
 """`captionflow serve` as a real process: SIGKILL mid-batch loses nothing; SIGTERM drains,
-exits 0, and a restart neither loses nor duplicates anything."""
+exits 0, and a restart neither loses nor duplicates anything.
+
+The first two processes caption through the session's ``vllm serve`` (openai backend): what
+is tested is the worker process dying and draining, and an in-process engine would cost
+each of them an engine start. The restart runs the default in-process vLLM engine, so a
+real ``serve`` with its own engine is started and stopped with SIGTERM too."""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import pytest
 from captionflow.producer import Publisher
 from captionflow.schemas import decode_caption_event
 from tests.support.kafka_helpers import read_topic, wait_all_committed
+from tests.support.vllm_server import VllmServer
 from tests.support.worker_fixtures import worker_settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -65,13 +71,20 @@ async def _publish(kafka, topic: str, videos: list[Path], n: int) -> set[str]:
 
 
 async def test_sigkill_then_sigterm_restarts(kafka, topics, group_id, tiny_settings,
-                                             caption_videos, tmp_path: Path, capsys) -> None:
-    settings = worker_settings(kafka, topics, group_id, tiny_settings,
-                               (caption_videos[0].parent,),
-                               **{"worker.max_batch_size": 4, "worker.commit_interval_ms": 500,
-                                  "worker.max_in_flight": 8, "worker.resume_in_flight": 4})
-    config = tmp_path / "worker.json"
-    config.write_bytes(orjson.dumps(settings.model_dump(mode="json")))
+                                             vllm_server: VllmServer, caption_videos,
+                                             tmp_path: Path, capsys) -> None:
+    remote = tiny_settings.model_copy(update={
+        "backend": "openai", "openai_base_url": vllm_server.url, "served_model_name": None})
+    configs = {}
+    for name, serving in (("remote", remote), ("in-process", tiny_settings)):
+        settings = worker_settings(kafka, topics, group_id, serving,
+                                   (caption_videos[0].parent,),
+                                   **{"worker.max_batch_size": 4,
+                                      "worker.commit_interval_ms": 500,
+                                      "worker.max_in_flight": 8, "worker.resume_in_flight": 4})
+        configs[name] = tmp_path / f"worker-{name}.json"
+        configs[name].write_bytes(orjson.dumps(settings.model_dump(mode="json")))
+    config = configs["remote"]
     log = tmp_path / "worker.log"
 
     # 1. SIGKILL mid-stream, restart: every event captioned at least once.
@@ -104,7 +117,7 @@ async def test_sigkill_then_sigterm_restarts(kafka, topics, group_id, tiny_setti
 
     # 3. Restart after SIGTERM (with new events for it too): nothing lost, nothing twice.
     third = await _publish(kafka, topics.input, caption_videos, 6)
-    c = _spawn(config, log)
+    c = _spawn(configs["in-process"], log)
     try:
         seen = await _captions(kafka, topics.output, first | second | third, 300, c, log)
         again = {i: n for i, n in seen.items() if i in second | third and n > 1}
