@@ -1,4 +1,6 @@
-"""Shared fixtures. Each capability keeps its fixtures in tests/support/*_fixtures.py."""
+"""Shared fixtures. Each capability keeps its fixtures in tests/support/*_fixtures.py; the
+session-scoped ones (broker, engine, vllm serve, S3 server) are listed in
+tests/support/__init__.py: reuse them."""
 
 import importlib.util
 import os
