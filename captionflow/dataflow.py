@@ -31,6 +31,7 @@ from captionflow.batch.runner import BatchReport
 from captionflow.batch.storage import FileStorage
 from captionflow.config import DEFAULT_MODEL, ENV_PREFIX, ServingSettings, Settings
 from captionflow.errors import ConfigError, InternalError
+from captionflow.logs import setup_library_logging
 from captionflow.serving.base import CaptionBackend
 from captionflow.serving.factory import make_backend
 
@@ -95,6 +96,7 @@ class LocalModelVLMServing_vllm:
                  vllm_repetition_penalty: float = 1.0, vllm_seed: int | None = None,
                  vllm_max_model_len: int = 51200, vllm_gpu_memory_utilization: float = 0.9,
                  **engine_kwargs: Any) -> None:
+        setup_library_logging()
         model = hf_model_name_or_path
         if hf_local_dir and (Path(hf_local_dir) / "config.json").is_file():
             model = hf_local_dir  # a checkpoint already downloaded there wins, as in DataFlow
@@ -156,7 +158,16 @@ class LocalModelVLMServing_vllm:
                 "loop; await VideoToCaptionGenerator.arun(...) there instead")
         if self._loop is None or self._loop.is_closed():
             self._loop = asyncio.new_event_loop()
-        return self._loop.run_until_complete(coro)
+        try:
+            return self._loop.run_until_complete(coro)
+        finally:
+            if self._owned and self._backend is not None:
+                # atexit runs the last registered first. vLLM registers its finalizers
+                # (weakref.finalize's exit hook) while the engine starts; run after ours,
+                # they would kill the engine core under its live output task, which logs
+                # an EngineDeadError traceback at exit. Registered again, ours runs first.
+                atexit.unregister(self.cleanup)
+                atexit.register(self.cleanup)
 
 
 class VideoToCaptionGenerator:

@@ -47,8 +47,29 @@ def _vllm_level_from_env() -> None:
 _vllm_level_from_env()
 
 
+# Set to 1 for every library's own lines, in the CLI and in the Python API alike.
+VERBOSE_ENV = "CAPTIONFLOW_VERBOSE"
+
+
+def verbose_from_env() -> bool:
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def setup_library_logging() -> None:
+    """The Python API (captionflow.dataflow), called from a user's script: as quiet as the
+    CLI, unless CAPTIONFLOW_VERBOSE is set or the script configured logging itself (the
+    root logger has handlers), in which case its configuration decides. Must run before
+    vLLM is imported, for the same reason as :func:`setup_logging`."""
+    if verbose_from_env() or logging.getLogger().handlers:
+        return
+    setup_logging(False)
+    # Only captionflow's warnings: its progress bar and summary line say the rest.
+    logging.getLogger().setLevel(logging.WARNING)
+
+
 def setup_logging(verbose: bool = False, *, service: bool = False) -> None:
     """Configure logging once, at the entrypoint, before vLLM is imported."""
+    verbose = verbose or verbose_from_env()
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format=FORMAT)
     # aiokafka's debug output is per request; nobody wants it interleaved with ours.

@@ -19,6 +19,23 @@ EXAMPLE = REPO / "examples" / "video_caption_pipeline.py"
 SEED_DOC = REPO.parent / "shared" / "seed" / "video_caption_pipeline.md"
 
 
+# Logging variables that captionflow's quiet default or a test session may have set.
+QUIET_ENV_NAMES = ("CAPTIONFLOW_VERBOSE", "VLLM_LOGGING_LEVEL", "VLLM_CONFIGURE_LOGGING",
+                   "TRANSFORMERS_VERBOSITY", "TORCH_CPP_LOG_LEVEL", "PYTHONWARNINGS")
+
+
+def assert_clean_and_quiet(run: subprocess.CompletedProcess[str]) -> None:
+    """A successful run of the DataFlow API prints no error and no traceback (vLLM's
+    shutdown included), and off a terminal little besides its summary line: a row that
+    failed may add its own warning line."""
+    text = run.stdout + run.stderr
+    assert "Traceback" not in text and "ERROR" not in text, text[-4000:]
+    lines = [line for line in text.splitlines() if line.strip()]
+    summaries = [line for line in lines if line.startswith("VideoToCaptionGenerator: ")]
+    assert len(summaries) == 1, lines
+    assert len(lines) <= 1 + 3, lines
+
+
 def _code_lines(text: str) -> list[str]:
     return [line.rstrip() for line in text.splitlines()
             if line.strip() and not line.lstrip().startswith(("from ", "import "))]
@@ -46,12 +63,15 @@ def test_seed_example_runs_records_bad_rows_and_resumes(
     script = tmp_path / "video_caption_pipeline.py"
     script.write_text(EXAMPLE.read_text())
     env = engine_env(tiny_settings, tmp_path / "vllm")
+    for name in QUIET_ENV_NAMES:  # a user's shell sets none of these
+        env.pop(name, None)
 
     first = subprocess.run([sys.executable, script.name], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=280)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "captioned 3, failed 3" in first.stderr, first.stderr[-3000:]
     assert "no engine started" not in first.stderr
+    assert_clean_and_quiet(first)
     out_path = tmp_path / "cache" / "video_caption_step1.json"
     out = orjson.loads(out_path.read_bytes())
     assert [r["video"] for r in out] == [r["video"] for r in rows]
@@ -69,6 +89,7 @@ def test_seed_example_runs_records_bad_rows_and_resumes(
     assert second.returncode == 0, second.stderr[-3000:]
     assert "captioned 0, failed 3" in second.stderr and "skipped 3" in second.stderr
     assert "no engine started" in second.stderr  # nothing was left for the model
+    assert_clean_and_quiet(second)
     assert out_path.read_bytes() == before
 
 
@@ -119,6 +140,7 @@ def test_seed_example_with_no_settings_captions_twenty_clips_named_by_absolute_p
                           capture_output=True, text=True, timeout=800)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "captioned 20, failed 0" in done.stderr, done.stderr[-4000:]
+    assert_clean_and_quiet(done)
     out = orjson.loads((work / "cache" / "video_caption_step1.json").read_bytes())
     assert [r["video"] for r in out] == [r["video"] for r in rows]
     assert all(isinstance(r["caption"], str) and "error" not in r for r in out)

@@ -5,6 +5,7 @@ What is filled in for unset settings, and the start-up checks, live in :mod:`eng
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -91,6 +92,9 @@ def engine_args(settings: ServingSettings) -> Any:
         mm_processor_kwargs=dict(settings.mm_processor_kwargs) or None,
         trust_remote_code=settings.trust_remote_code,
         disable_log_stats=False,
+        # The weight-loading progress bars are start-up detail, shown with vLLM's other
+        # start-up lines (INFO), not in a quiet run.
+        use_tqdm_on_load=logging.getLogger("vllm").isEnabledFor(logging.INFO),
     )
     for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_bytes"):
         value = getattr(settings, name)

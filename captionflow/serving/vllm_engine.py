@@ -87,6 +87,20 @@ def stop_engine(engine: Any) -> None:
     _unlink_shm_files(files)
 
 
+async def _stop_output_handler(engine: Any) -> None:
+    """Cancel the task in which vLLM's AsyncLLM reads the engine core's outputs.
+
+    Left running while the engine core is killed under it, that task sees the socket
+    close, logs ``AsyncLLM output_handler failed ... EngineDeadError`` with a traceback at
+    ERROR level, and fails requests that no longer exist: every caller has its answer by
+    now, so a clean run would end with what reads as a crash. ``output_handler`` is an
+    attribute of vLLM 0.32's AsyncLLM (tests/test_engine_stop.py pins it)."""
+    handler = getattr(engine, "output_handler", None)
+    if isinstance(handler, asyncio.Task) and not handler.done():
+        handler.cancel()
+        await asyncio.wait([handler])
+
+
 # How long a SIGKILLed engine process may take to be gone before close() stops waiting.
 _STOP_WAIT_S = 5.0
 
@@ -233,6 +247,7 @@ class VllmBackend(CaptionBackend):
         if engine is not None:
             # Let the failed callers run before the synchronous shutdown holds the loop.
             await asyncio.sleep(0)
+            await _stop_output_handler(engine)
             stop_engine(engine)
 
     async def healthy(self) -> bool:
