@@ -228,8 +228,16 @@ class ServingSettings(_Section):
     top_p: float = Field(0.9, gt=0, le=1)
     top_k: int = -1
     repetition_penalty: float = Field(1.0, gt=0)
+    # The default and the ceiling of one request's completion tokens: an event's
+    # options.sampling.max_tokens is clamped to it (captionflow.event_limits).
     max_tokens: int = Field(2048, ge=1)
     seed: int | None = None
+    # Ceilings on what one event may ask for; over them the event is refused as
+    # invalid_request (captionflow.event_limits). The token default covers one prompt over
+    # 512 windows plus a summary at the default max_tokens.
+    max_prompts_per_event: int = Field(16, ge=1, le=16)
+    max_completion_tokens_per_event: int = Field(1_100_000, ge=1)
+    max_json_schema_bytes: int = Field(16_384, ge=2)
     # Engine fields left unset are filled in at start-up by captionflow.serving.engine_plan
     # (max_model_len clamped to the model's limit; on a CPU also dtype, enforce_eager and
     # kv_cache_memory_bytes); fields given explicitly are kept, or refused with the fix.
