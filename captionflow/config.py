@@ -292,6 +292,10 @@ class WorkerSettings(_Section):
     # Pause partitions above the high watermark of in-flight events, resume below the low.
     max_in_flight: int = Field(32, ge=1)
     resume_in_flight: int = Field(16, ge=0)
+    # A partition is not fetched while its oldest unfinished record is this many records
+    # behind its newest consumed one: one slow record cannot pile up finished records
+    # above the commit point (what a crash replays) without bound.
+    max_uncommitted_per_partition: int = Field(1000, ge=1)
     commit_interval_ms: int = Field(1000, ge=10)
     poll_timeout_ms: int = Field(200, ge=1)
     max_poll_records: int = Field(64, ge=1)

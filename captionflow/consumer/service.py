@@ -115,12 +115,13 @@ class Worker:
     async def run(self) -> int:
         s = self.settings
         async with AsyncExitStack() as stack:
-            if s.metrics.enabled:
-                self._http = HealthServer(s.metrics.host, s.metrics.port, self.health,
-                                          self.metrics.registry)
-                self._http.start()
-                stack.callback(self._http.close)
-                log.info("metrics and health on http://%s:%d", s.metrics.host, self._http.port)
+            # The probes are served whether or not metrics are: the Deployment relies on them.
+            self._http = HealthServer(s.metrics.host, s.metrics.port, self.health,
+                                      self.metrics.registry if s.metrics.enabled else None)
+            self._http.start()
+            stack.callback(self._http.close)
+            log.info("%s on http://%s:%d", "metrics and health" if s.metrics.enabled else
+                     "health (metrics.enabled=false)", s.metrics.host, self._http.port)
             # Before the engine: a GPU decode device that cannot be opened is found in a
             # second, not after minutes of loading weights.
             frames = self.frames = FrameSource(s.video)
@@ -222,6 +223,11 @@ class Worker:
                 if not self._tracker.owns(tp):
                     continue
                 for record in records:
+                    if not self._tracker.room(tp, record.offset,
+                                              w.max_uncommitted_per_partition):
+                        # Fetched again from here once the partition has room.
+                        consumer.seek(tp, record.offset)
+                        break
                     self._spawn(tp, record)
             if self._idle_or_waiting(paused):
                 self._progress()
@@ -316,7 +322,9 @@ class Worker:
     def _apply_pauses(self) -> bool:
         """Pause every partition while in-flight work is above the high watermark (until it
         falls to the low one), while a dependency is down, or once the poison guard has
-        tripped; returns whether partitions are paused."""
+        tripped; returns whether partitions are paused. Otherwise pause just the partitions
+        whose oldest unfinished record is ``worker.max_uncommitted_per_partition`` records
+        behind, until it finishes."""
         consumer = self._consumer
         assert consumer is not None and self._gate is not None
         w = self.settings.worker
@@ -329,12 +337,18 @@ class Worker:
             log.info("backpressure: %d events in flight; resuming partitions", in_flight)
         paused = self._backpressure or bool(self._gate.down()) or \
             self._guard.tripped_code is not None
+        full = self._tracker.over_bound(w.max_uncommitted_per_partition)
         if paused:
             # Newly assigned partitions start unpaused; pausing is idempotent.
             consumer.pause(*consumer.assignment())
-        elif consumer.paused():
-            consumer.resume(*consumer.paused())
+        else:
+            if consumer.paused() - full:
+                consumer.resume(*(consumer.paused() - full))
+            if full:
+                consumer.pause(*(full & consumer.assignment()))
         self.metrics.paused_partitions.set(len(consumer.paused()))
+        for tp, age_s in self._tracker.oldest_ages_s().items():
+            self.metrics.oldest_unfinished_age.labels(tp.topic, str(tp.partition)).set(age_s)
         return paused
 
     # --- rebalance -------------------------------------------------------------------------
@@ -346,6 +360,13 @@ class Worker:
     async def _revoked(self, tps: set[TopicPartition]) -> None:
         assert self._committer is not None
         tasks = set().union(*(self._tasks.get(tp, set()) for tp in tps))
+        # Held records wait for a restart, not for the grace: let them go now, uncommitted.
+        held = tasks & self._held
+        for task in held:
+            task.cancel()
+        self._held -= held
+        tasks -= held
+        await asyncio.gather(*held, return_exceptions=True)
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=self.settings.worker.revoke_grace_s)
             for task in pending:
@@ -371,6 +392,8 @@ class Worker:
             self._tasks.pop(tp, None)
             with contextlib.suppress(KeyError):
                 self.metrics.consumer_lag.remove(tp.topic, str(tp.partition))
+            with contextlib.suppress(KeyError):
+                self.metrics.oldest_unfinished_age.remove(tp.topic, str(tp.partition))
         self.metrics.assigned_partitions.set(len(self._tracker.partitions()))
 
     def _membership_lost(self) -> bool:
