@@ -206,6 +206,15 @@ class VideoSettings(_Section):
             raise ValueError("video.window_overlap_s must be smaller than video.window_s")
         if self.window_s and self.window_min_remainder_s > self.window_s:
             raise ValueError("video.window_min_remainder_s must not exceed video.window_s")
+        if self.window_s and self.window_s + self.window_min_remainder_s > self.max_duration_s:
+            # With windows, max_duration_s bounds each window (the last may take in a
+            # remainder up to window_min_remainder_s); the video may be as long as
+            # max_windows windows cover.
+            raise ValueError(
+                f"video.window_s ({self.window_s:g}) plus video.window_min_remainder_s "
+                f"({self.window_min_remainder_s:g}) must not exceed video.max_duration_s "
+                f"({self.max_duration_s:g}), the longest window: lower window_s or raise "
+                "max_duration_s")
         for cidr in self.fetch_allowed_networks:
             try:
                 ipaddress.ip_network(cidr, strict=False)
@@ -281,8 +290,18 @@ class ServingSettings(_Section):
     openai_max_concurrency: int = Field(16, ge=1)
     openai_max_retries: int = Field(3, ge=0)
     openai_retry_backoff_ms: int = Field(500, ge=0)
-    # How the openai backend sends frames: as an inline data URL of the sampled frames.
-    openai_video_transport: Literal["frames", "url"] = "frames"
+    # How the openai backend sends a clip: its sampled frames, inline. There is no "url"
+    # transport: a server fetching references itself would bypass the worker's fetch
+    # guards (allowed roots and networks, size and time limits) and its sampling.
+    openai_video_transport: Literal["frames"] = "frames"
+
+    @model_validator(mode="after")
+    def _event_ceilings(self) -> ServingSettings:
+        if self.max_completion_tokens_per_event < self.max_tokens:
+            raise ValueError(
+                f"serving.max_completion_tokens_per_event ({self.max_completion_tokens_per_event})"
+                f" must be at least serving.max_tokens ({self.max_tokens}), or no event fits")
+        return self
 
 
 class WorkerSettings(_Section):

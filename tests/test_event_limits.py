@@ -13,7 +13,7 @@ import pytest
 
 from captionflow.captioning import Attempts, caption_event
 from captionflow.config import Settings
-from captionflow.errors import InvalidRequestError
+from captionflow.errors import InvalidRequestError, VideoTooLongError
 from captionflow.event_limits import TokenBudget
 from captionflow.schemas.codec import decode_video_event
 from captionflow.schemas.events import DeadLetterEvent
@@ -119,3 +119,26 @@ async def test_token_budget_spends_retries_only_from_the_unused_share() -> None:
     assert budget.take_retry()
     with pytest.raises(InvalidRequestError, match="max_completion_tokens_per_event=29"):
         TokenBudget(limit=29, per_request=10, first_requests=3)
+
+
+async def test_windows_rescue_a_video_over_max_duration_s(
+        vllm_backend: CaptionBackend, tiny_settings: Any, tmp_path: Path) -> None:
+    clip = make_video(tmp_path / "twelve.mp4", seed=12, frames=12, fps=1)
+    event = {"id": "long", "video": str(clip)}
+    video = {"allowed_roots": (tmp_path,), "fps": 1.0, "max_frames": 4, "min_frames": 2,
+             "min_pixels": 28 * 28 * 4, "max_pixels": 112 * 84, "max_duration_s": 5.0}
+    plain = Settings(serving=tiny_settings.model_dump(), video=video,
+                     worker={"quality_gate_retries": 0})
+    with pytest.raises(VideoTooLongError, match=r"over video.max_duration_s=5 s.*video.window_s"):
+        await caption(plain, vllm_backend, event)
+    windowed = Settings(serving=tiny_settings.model_dump(), video={**video, "window_s": 4.0},
+                        worker={"quality_gate_retries": 0})
+    result = await caption(windowed, vllm_backend, event)
+    assert [(w.start_s, w.end_s) for w in result.window_captions()] == [
+        (0.0, 4.0), (4.0, 8.0), (8.0, 12.0)]
+    # Past what max_windows windows cover, the video is still refused, naming that bound.
+    few = Settings(serving=tiny_settings.model_dump(),
+                   video={**video, "window_s": 4.0, "max_windows": 2},
+                   worker={"quality_gate_retries": 0})
+    with pytest.raises(VideoTooLongError, match=r"video.max_windows x video.window_s=8 s"):
+        await caption(few, vllm_backend, event)
