@@ -69,7 +69,8 @@ class Worker:
         self._stopping = asyncio.Event()
         self._fatal: FatalError | None = None
         self._backpressure = False
-        self._held: set[asyncio.Task | None] = set()  # records the poison guard holds
+        # Records the poison guard holds: their offsets stay unfinished, so uncommitted.
+        self._held: set[tuple[TopicPartition, int]] = set()
         self._guard = PoisonGuard(window_records=settings.worker.poison_window_records,
                                   max_ratio=settings.worker.dead_letter_max_ratio)
         self._consumer: AIOKafkaConsumer | None = None
@@ -259,11 +260,12 @@ class Worker:
         assert self._pipeline is not None and self._committer is not None
         output = await self._pipeline.process(record)
         if self._guard.holds(output.error_code):
-            # Uncommitted until a restart after the fix redelivers it.
+            # Its offset stays unfinished, so it is uncommitted until a restart after the fix
+            # redelivers it; the task itself ends, so no drain (revoke, stop) waits on it.
             log.warning("%s id=%s: held by the poison guard (%s), not dead-lettered",
                         where(record), output.event_id, output.error_code)
-            self._held.add(asyncio.current_task())
-            await asyncio.Event().wait()
+            self._held.add((tp, record.offset))
+            return
         started = time.monotonic()
         await self._publish(record, output)
         now = time.monotonic()
@@ -360,13 +362,6 @@ class Worker:
     async def _revoked(self, tps: set[TopicPartition]) -> None:
         assert self._committer is not None
         tasks = set().union(*(self._tasks.get(tp, set()) for tp in tps))
-        # Held records wait for a restart, not for the grace: let them go now, uncommitted.
-        held = tasks & self._held
-        for task in held:
-            task.cancel()
-        self._held -= held
-        tasks -= held
-        await asyncio.gather(*held, return_exceptions=True)
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=self.settings.worker.revoke_grace_s)
             for task in pending:
@@ -388,6 +383,7 @@ class Worker:
 
     def _forget(self, tps: set[TopicPartition]) -> None:
         self._tracker.drop(tps)
+        self._held = {(tp, offset) for tp, offset in self._held if tp not in tps}
         for tp in tps:
             self._tasks.pop(tp, None)
             with contextlib.suppress(KeyError):
@@ -405,10 +401,7 @@ class Worker:
     async def _shutdown(self) -> None:
         self.health.ready = False
         self.metrics.ready.set(0)
-        for task in self._held:
-            if task is not None:
-                task.cancel()  # nothing to drain: they wait for a restart
-        tasks = [t for ts in self._tasks.values() for t in ts if t not in self._held]
+        tasks = [t for ts in self._tasks.values() for t in ts]
         if tasks and self._fatal is None:
             grace_s = self.settings.worker.shutdown_grace_s
             log.info("draining %d in-flight events (up to %.0f s)", len(tasks), grace_s)
@@ -416,8 +409,7 @@ class Worker:
             tasks = list(pending)
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, *(t for t in self._held if t is not None),
-                             return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._committer is not None and not self._membership_lost():
             try:
                 await self._committer.commit(raise_errors=False)
