@@ -60,10 +60,15 @@ _STATUS_DOC = ("ok; truncated (finish_reason length); repetitive (the n-gram rep
 
 
 class EventOptions(_Model):
-    """Per-event overrides, within the worker's limits: frame and pixel options and
-    sampling.max_tokens are clamped to them; more prompts than serving.max_prompts_per_event,
-    a json_schema above serving.max_json_schema_bytes, or an event whose requests cannot
-    fit serving.max_completion_tokens_per_event are refused (invalid_request)."""
+    # One line in the shipped JSON Schema (a docstring would carry its line breaks).
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True,
+                              json_schema_extra={"description": (
+        "Per-event overrides, within the worker's limits: frame and pixel options and "
+        "sampling.max_tokens are clamped to them; more prompts than "
+        "serving.max_prompts_per_event, a json_schema above serving.max_json_schema_bytes, "
+        "or an event whose requests cannot fit serving.max_completion_tokens_per_event are "
+        "refused (invalid_request). See docs/captions.md, \"Limits a producer cannot "
+        "lift\".")})
 
     prompt: str | None = Field(None, description="Overrides the conversation's human turn.")
     fps: float | None = Field(None, gt=0)
