@@ -24,6 +24,12 @@ from captionflow.errors import (
     FatalError,
     InvalidRequestError,
 )
+from captionflow.event_limits import (
+    TokenBudget,
+    check_prompt_count,
+    check_schema_size,
+    clamp_sampling,
+)
 from captionflow.caption_result import (
     Caption,
     EventCaption,
@@ -151,6 +157,7 @@ def event_prompts(event: VideoEvent, settings: Settings) -> tuple[dict[str, str]
     single prompt is named ``caption``."""
     options = event.options
     if options is not None and options.prompts:
+        check_prompt_count(len(options.prompts), settings.serving)
         return dict(options.prompts), True
     return {"caption": event.prompt(settings.serving.default_prompt)}, False
 
@@ -167,6 +174,8 @@ def event_schema(event: VideoEvent, settings: Settings) -> dict[str, Any] | None
                 f"worker's serving.json_schemas {sorted(settings.serving.json_schemas)}")
     else:
         schema = options.json_schema
+        if schema is not None:
+            check_schema_size(schema, settings.serving)
     if schema is not None:
         import jsonschema
 
@@ -182,15 +191,20 @@ def event_schema(event: VideoEvent, settings: Settings) -> dict[str, Any] | None
 async def gated_caption(tag: str, make: Callable[[str, Mapping[str, Any]], CaptionRequest], *,
                         sampling: Mapping[str, Any], schema: Mapping[str, Any] | None,
                         caption: CaptionFn, settings: Settings,
-                        attempts: Attempts) -> Caption:
+                        attempts: Attempts, budget: TokenBudget | None = None) -> Caption:
     """One caption through the quality gate: asked again while its status is truncated,
     repetitive or invalid_json, up to ``worker.quality_gate_retries`` times with adjusted
-    sampling; the best attempt is kept (the earliest among equals)."""
+    sampling, while the event's ``budget`` has room for another request; the best attempt
+    is kept (the earliest among equals)."""
     w, serving = settings.worker, settings.serving
     results: list[CaptionResult] = []
     statuses: list[CaptionStatus] = []
     kept: tuple[int, Any, bool] | None = None
     for retry in range(w.quality_gate_retries + 1):
+        if retry and budget is not None and not budget.take_retry():
+            log.info("%s: no quality-gate retry, serving.max_completion_tokens_per_event "
+                     "is spent", tag)
+            break
         asked = sampling if retry == 0 else regeneration_sampling(
             sampling, retry, base_temperature=serving.temperature,
             base_repetition_penalty=serving.repetition_penalty,
@@ -204,6 +218,8 @@ async def gated_caption(tag: str, make: Callable[[str, Mapping[str, Any]], Capti
             return caption(make(request_id, asked))
 
         result = await attempts.run(attempt)
+        if budget is not None:
+            budget.settle(result.completion_tokens)
         json_ok, parsed = parse_json(result.text, schema) if schema is not None \
             else (None, None)
         status = caption_status(result.text, result.finish_reason, json_ok=json_ok)
@@ -245,9 +261,20 @@ async def caption_event(event: VideoEvent, *, clips: ClipsFn, caption: CaptionFn
     opened = await attempts.run(lambda: clips(event.reference, overrides))
     stream: ClipStream = ClipList(opened, time.monotonic() - started - images_s) \
         if isinstance(opened, list) else opened
-    sampling = options.sampling.model_dump(exclude_none=True) \
-        if options and options.sampling else {}
+    sampling = clamp_sampling(options.sampling.model_dump(exclude_none=True)
+                              if options and options.sampling else {}, settings.serving)
     count = stream.count
+    summarize = options.summarize if options and options.summarize is not None \
+        else settings.serving.summarize_windows
+    # A summary is reserved whenever the video may be windowed (one window counts).
+    summaries = 1 if summarize and (count > 1 or settings.video.window_s) else 0
+    try:
+        budget = TokenBudget(limit=settings.serving.max_completion_tokens_per_event,
+                             per_request=sampling["max_tokens"],
+                             first_requests=len(prompts) * (count + summaries))
+    except InvalidRequestError:
+        await stream.aclose()
+        raise
     got: list[Clip | None] = [None] * count
     captions: list[dict[str, Caption] | None] = [None] * count
     gate = asyncio.Semaphore(settings.video.windows_in_flight)
@@ -275,7 +302,7 @@ async def caption_event(event: VideoEvent, *, clips: ClipsFn, caption: CaptionFn
                 return await gated_caption(
                     tag, lambda rid, s: CaptionRequest(rid, clip, prompt, s, images, schema),
                     sampling=sampling, schema=schema, caption=caption, settings=settings,
-                    attempts=attempts)
+                    attempts=attempts, budget=budget)
 
             asked = time.monotonic()
             captions[i] = await all_prompts(f"{event.id}#w{clip.window_index or 0}", ask)
@@ -297,8 +324,6 @@ async def caption_event(event: VideoEvent, *, clips: ClipsFn, caption: CaptionFn
     done_clips = [c for c in got if c is not None]
     windows = [c for c in captions if c is not None]
     windowed = count > 1 or done_clips[0].window_index is not None
-    summarize = options.summarize if options and options.summarize is not None \
-        else settings.serving.summarize_windows
     summarized = windowed and summarize
     if not windowed:
         event_captions = windows[0]
@@ -309,7 +334,7 @@ async def caption_event(event: VideoEvent, *, clips: ClipsFn, caption: CaptionFn
             return await gated_caption(
                 tag, lambda rid, s: CaptionRequest(rid, None, text, s, (), schema),
                 sampling=sampling, schema=schema, caption=caption, settings=settings,
-                attempts=attempts)
+                attempts=attempts, budget=budget)
 
         asked = time.monotonic()
         event_captions = await all_prompts(f"{event.id}#summary", ask_summary)

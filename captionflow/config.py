@@ -239,6 +239,15 @@ class VideoSettings(_Section):
             raise ValueError("video.window_overlap_s must be smaller than video.window_s")
         if self.window_s and self.window_min_remainder_s > self.window_s:
             raise ValueError("video.window_min_remainder_s must not exceed video.window_s")
+        if self.window_s and self.window_s + self.window_min_remainder_s > self.max_duration_s:
+            # With windows, max_duration_s bounds each window (the last may take in a
+            # remainder up to window_min_remainder_s); the video may be as long as
+            # max_windows windows cover.
+            raise ValueError(
+                f"video.window_s ({self.window_s:g}) plus video.window_min_remainder_s "
+                f"({self.window_min_remainder_s:g}) must not exceed video.max_duration_s "
+                f"({self.max_duration_s:g}), the longest window: lower window_s or raise "
+                "max_duration_s")
         for cidr in self.fetch_allowed_networks:
             try:
                 ipaddress.ip_network(cidr, strict=False)
@@ -270,10 +279,23 @@ class ServingSettings(_Section):
         -1, description="Keep only the k likeliest tokens (-1: all).")
     repetition_penalty: float = Field(1.0, gt=0,
         description="Penalty on repeated tokens (1: none).")
+    # The default and the ceiling of one request's completion tokens: an event's
+    # options.sampling.max_tokens is clamped to it (captionflow.event_limits).
     max_tokens: int = Field(2048, ge=1,
-        description="Most tokens generated per caption.")
+        description="Most tokens generated per request; an event's max_tokens is clamped to it.")
     seed: int | None = Field(
         None, description="Sampling seed (unset: random).")
+    # Ceilings on what one event may ask for; over them the event is refused as
+    # invalid_request (captionflow.event_limits). The token default covers one prompt over
+    # 512 windows plus a summary at the default max_tokens.
+    max_prompts_per_event: int = Field(16, ge=1, le=16,
+        description="Most named prompts one event may ask for (more: invalid_request).")
+    max_completion_tokens_per_event: int = Field(1_100_000, ge=1,
+        description="Most completion tokens one event's requests may reserve, over prompts, "
+                    "windows, summaries and quality-gate retries (more: invalid_request).")
+    max_json_schema_bytes: int = Field(16_384, ge=2,
+        description="Largest options.json_schema an event may send, as compact JSON "
+                    "(larger: invalid_request).")
     # Engine fields left unset are filled in at start-up by captionflow.serving.engine_plan
     # (max_model_len clamped to the model's limit; on a CPU also dtype, enforce_eager and
     # kv_cache_memory_bytes); fields given explicitly are kept, or refused with the fix.
@@ -331,8 +353,19 @@ class ServingSettings(_Section):
         description="Retries of a failed request to the openai server.")
     openai_retry_backoff_ms: int = Field(500, ge=0,
         description="First backoff between those retries (doubling).")
-    # How the openai backend sends frames: as an inline data URL of the sampled frames.
-    openai_video_transport: Literal["frames", "url"] = "frames"
+    # How the openai backend sends a clip: its sampled frames, inline. There is no "url"
+    # transport: a server fetching references itself would bypass the worker's fetch
+    # guards (allowed roots and networks, size and time limits) and its sampling.
+    openai_video_transport: Literal["frames"] = Field(
+        "frames", description="How the openai backend sends a clip: its sampled frames, inline.")
+
+    @model_validator(mode="after")
+    def _event_ceilings(self) -> ServingSettings:
+        if self.max_completion_tokens_per_event < self.max_tokens:
+            raise ValueError(
+                f"serving.max_completion_tokens_per_event ({self.max_completion_tokens_per_event})"
+                f" must be at least serving.max_tokens ({self.max_tokens}), or no event fits")
+        return self
 
 
 class WorkerSettings(_Section):
@@ -346,6 +379,11 @@ class WorkerSettings(_Section):
     max_in_flight: int = Field(32, ge=1)
     resume_in_flight: int = Field(16, ge=0,
         description="Partitions resume when in-flight events fall below this.")
+    # One slow record cannot pile up finished records above the commit point (what a crash
+    # replays) without bound.
+    max_uncommitted_per_partition: int = Field(1000, ge=1,
+        description="A partition is not fetched while its oldest unfinished record is this "
+                    "many records behind its newest consumed one.")
     commit_interval_ms: int = Field(1000, ge=10,
         description="How often finished offsets are committed.")
     poll_timeout_ms: int = Field(200, ge=1,

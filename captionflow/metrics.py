@@ -53,6 +53,11 @@ class Metrics:
             "captionflow_consumer_lag_records",
             "Records between the committed offset and the end of the partition.",
             ["topic", "partition"], registry=r)
+        self.oldest_unfinished_age = Gauge(
+            "captionflow_oldest_unfinished_record_age_seconds",
+            "Seconds since the oldest unfinished record of the partition was consumed (0 when "
+            "none is); finished records above it wait for it to be committed.",
+            ["topic", "partition"], registry=r)
         self.tokens = Counter(
             "captionflow_tokens_total", "Model tokens, by kind (prompt, completion).",
             ["kind"], registry=r)

@@ -38,9 +38,14 @@ SCHEMA = {
 }
 
 
-def settings_for(tiny_settings: Any, root: Path, **worker: Any) -> Settings:
+def settings_for(tiny_settings: Any, root: Path, *, max_tokens: int | None = None,
+                 **worker: Any) -> Settings:
+    """``max_tokens`` raises serving.max_tokens, the ceiling of every event's request."""
+    serving = tiny_settings.model_dump()
+    if max_tokens is not None:
+        serving["max_tokens"] = max_tokens
     return Settings(
-        serving=tiny_settings.model_dump(),
+        serving=serving,
         video={"allowed_roots": (root,), "fps": 2.0, "max_frames": 4, "min_frames": 2,
                "min_pixels": 28 * 28 * 4, "max_pixels": 112 * 84},
         worker={"retry_backoff_ms": 0, **worker})
@@ -132,7 +137,8 @@ async def test_three_prompts_three_captions_from_one_decode(
 
 async def test_twenty_structured_captions_validate(
         vllm_backend: CaptionBackend, tiny_settings: Any, video: Path) -> None:
-    settings = settings_for(tiny_settings, video.parent, quality_gate_retries=0)
+    settings = settings_for(tiny_settings, video.parent, max_tokens=200,
+                            quality_gate_retries=0)
     # Only the tokenizer's EOS, which the grammar allows where the JSON is complete, may end
     # a structured caption: the generation config's other stop id is banned.
     tokenizer = vllm_backend.engine.get_tokenizer()
@@ -220,9 +226,11 @@ async def test_batch_rows_get_the_same_fields(vllm_backend: CaptionBackend, tiny
                                               video: Path, tmp_path: Path) -> None:
     from captionflow.batch.job import run_file
 
-    settings = settings_for(tiny_settings, video.parent, quality_gate_retries=0)
+    settings = settings_for(tiny_settings, video.parent, max_tokens=200,
+                            quality_gate_retries=0)
     rows = [{"video": [str(video)], "options": {"prompts": {"a": "One sentence.",
-                                                            "b": "Every detail."}}},
+                                                            "b": "Every detail."},
+                                                "sampling": {"max_tokens": 12}}},
             {"video": [str(video)], "options": {"json_schema": SCHEMA,
                                                 "sampling": {"max_tokens": 200}}},
             {"video": [str(video)], "options": {"sampling": {"max_tokens": 8}}}]

@@ -96,3 +96,10 @@ def test_valid_sasl_ssl_settings_reach_the_client_options(tmp_path: Path) -> Non
 def test_setting_names_lists_dotted_names() -> None:
     names = setting_names()
     assert {"kafka.bootstrap_servers", "worker.max_wait_ms", "serving.max_model_len"} <= names
+
+
+def test_a_window_longer_than_max_duration_s_is_refused() -> None:
+    from captionflow.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="must not exceed video.max_duration_s"):
+        Settings.load(overrides={"video.window_s": 60.0, "video.max_duration_s": 30.0})

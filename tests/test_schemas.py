@@ -125,3 +125,24 @@ def test_json_schema_accepts_and_rejects_like_the_model() -> None:
         jsonschema_lib.validate({"id": "e", "video": "a.mp4", "bogus": 1}, schema)
     with pytest.raises(jsonschema_lib.ValidationError):
         jsonschema_lib.validate({"video": "a.mp4"}, schema)
+
+
+def test_schema_and_docs_name_the_same_event_ceilings():
+    """Every worker ceiling the shipped VideoEvent schema names is a real setting and is in
+    the limits table of docs/captions.md, and the other way round."""
+    import re
+
+    from captionflow.config import setting_names
+    from captionflow.schemas.jsonschema import shipped
+
+    schema_names = set(re.findall(r"serving\.max_[a-z_]+", shipped("video").decode()))
+    from pathlib import Path
+
+    docs = (Path(__file__).parents[1] / "docs" / "captions.md").read_text()
+    section = docs.split("## Limits a producer cannot lift", 1)[1].split("\n## ", 1)[0]
+    docs_names = set(re.findall(r"`(serving\.max_[a-z_]+)`", section))
+    assert {"serving.max_tokens", "serving.max_prompts_per_event",
+            "serving.max_json_schema_bytes",
+            "serving.max_completion_tokens_per_event"} <= schema_names
+    assert schema_names <= setting_names()
+    assert schema_names == docs_names

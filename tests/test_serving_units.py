@@ -220,10 +220,14 @@ async def test_openai_retry_after_is_capped():
     assert info.value.retry_after_s == 2.5
 
 
-async def test_openai_url_transport_needs_a_url():
-    async with _backend(_ok([]), openai_video_transport="url") as backend:
-        with pytest.raises(InvalidRequestError, match="video_url"):
-            await backend.caption(CaptionRequest("ev-5", synthetic_clip(0), ""))
+def test_there_is_no_url_transport():
+    # A server fetching references itself would bypass the worker's fetch guards.
+    from captionflow.config import Settings
+    from captionflow.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="openai_video_transport"):
+        Settings.load(overrides={"serving.openai_video_transport": "url"})
+    assert Settings.load(overrides={"serving.openai_video_transport": "frames"})
 
 
 async def test_openai_server_without_trusted_mm_kwargs_is_a_fatal_config_error():

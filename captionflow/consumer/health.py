@@ -1,4 +1,5 @@
 """The worker's HTTP endpoints: /metrics, /healthz (liveness), /readyz (readiness).
+/metrics is left out (404) when the worker runs with metrics.enabled=false; the probes never.
 
 Served from a thread so that a busy or stuck event loop cannot hide itself from the
 liveness probe: /healthz reads a timestamp the loop writes, it does not ask the loop.
@@ -33,14 +34,15 @@ class HealthState:
 
 class HealthServer:
     def __init__(self, host: str, port: int, state: HealthState,
-                 registry: CollectorRegistry) -> None:
+                 registry: CollectorRegistry | None) -> None:
         self.state = state
-        registries = [registry] if registry is REGISTRY else [registry, REGISTRY]
+        registries = [] if registry is None else \
+            [registry] if registry is REGISTRY else [registry, REGISTRY]
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
-                if path == "/metrics":
+                if path == "/metrics" and registries:
                     body = b"".join(generate_latest(r) for r in registries)
                     self._send(200, body, CONTENT_TYPE_LATEST)
                 elif path == "/healthz":

@@ -4,11 +4,16 @@ A partition's commit point is the lowest offset still in flight, or one past the
 consumed offset when nothing is: every record below it has its output acknowledged by the
 broker. Offsets the consumer never saw (compaction, transaction markers) are skipped
 naturally because only consumed offsets are tracked.
+
+The records between the commit point and the highest consumed offset (finished or not) are
+what a crash replays: ``room`` and ``over_bound`` let the poll loop keep that span per
+partition below ``worker.max_uncommitted_per_partition``.
 """
 
 from __future__ import annotations
 
 import heapq
+import time
 from collections.abc import Iterable
 
 from aiokafka import TopicPartition
@@ -19,26 +24,39 @@ class PartitionOffsets:
 
     def __init__(self) -> None:
         self._heap: list[int] = []
-        self._in_flight: set[int] = set()
+        self._in_flight: dict[int, float] = {}  # offset -> when it was consumed (monotonic)
         self._next: int | None = None  # one past the highest consumed offset
         self.committed: int | None = None
 
     def add(self, offset: int) -> None:
         if offset in self._in_flight:
             return
-        self._in_flight.add(offset)
+        self._in_flight[offset] = time.monotonic()
         heapq.heappush(self._heap, offset)
         if self._next is None or offset >= self._next:
             self._next = offset + 1
 
     def done(self, offset: int) -> None:
-        self._in_flight.discard(offset)
+        self._in_flight.pop(offset, None)
         while self._heap and self._heap[0] not in self._in_flight:
             heapq.heappop(self._heap)
 
     @property
     def in_flight(self) -> int:
         return len(self._in_flight)
+
+    def span(self) -> int:
+        """Records from the oldest unfinished one to the highest consumed, both included
+        (0 when nothing is unfinished)."""
+        if not self._heap or self._next is None:
+            return 0
+        return self._next - self._heap[0]
+
+    def oldest_age_s(self, now: float) -> float:
+        """Seconds since the oldest unfinished record was consumed (0 when none is)."""
+        if not self._heap:
+            return 0.0
+        return now - self._in_flight[self._heap[0]]
 
     def commit_point(self) -> int | None:
         """The offset to commit (the next record to read after a restart), or None."""
@@ -83,6 +101,22 @@ class OffsetTracker:
             return False
         part.done(offset)
         return True
+
+    def room(self, tp: TopicPartition, offset: int, bound: int) -> bool:
+        """Whether ``offset`` may start without the partition's uncommitted span (oldest
+        unfinished record to ``offset``) passing ``bound`` records."""
+        part = self._parts.get(tp)
+        if part is None or not part._heap:
+            return True
+        return offset - part._heap[0] < bound
+
+    def over_bound(self, bound: int) -> set[TopicPartition]:
+        """Partitions whose uncommitted span leaves no room for their next record."""
+        return {tp for tp, p in self._parts.items() if p.span() >= bound}
+
+    def oldest_ages_s(self) -> dict[TopicPartition, float]:
+        now = time.monotonic()
+        return {tp: p.oldest_age_s(now) for tp, p in self._parts.items()}
 
     def in_flight(self, tps: Iterable[TopicPartition] | None = None) -> int:
         if tps is None:

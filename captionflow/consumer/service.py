@@ -69,7 +69,8 @@ class Worker:
         self._stopping = asyncio.Event()
         self._fatal: FatalError | None = None
         self._backpressure = False
-        self._held: set[asyncio.Task | None] = set()  # records the poison guard holds
+        # Records the poison guard holds: their offsets stay unfinished, so uncommitted.
+        self._held: set[tuple[TopicPartition, int]] = set()
         self._guard = PoisonGuard(window_records=settings.worker.poison_window_records,
                                   max_ratio=settings.worker.dead_letter_max_ratio)
         self._consumer: AIOKafkaConsumer | None = None
@@ -115,12 +116,13 @@ class Worker:
     async def run(self) -> int:
         s = self.settings
         async with AsyncExitStack() as stack:
-            if s.metrics.enabled:
-                self._http = HealthServer(s.metrics.host, s.metrics.port, self.health,
-                                          self.metrics.registry)
-                self._http.start()
-                stack.callback(self._http.close)
-                log.info("metrics and health on http://%s:%d", s.metrics.host, self._http.port)
+            # The probes are served whether or not metrics are: the Deployment relies on them.
+            self._http = HealthServer(s.metrics.host, s.metrics.port, self.health,
+                                      self.metrics.registry if s.metrics.enabled else None)
+            self._http.start()
+            stack.callback(self._http.close)
+            log.info("%s on http://%s:%d", "metrics and health" if s.metrics.enabled else
+                     "health (metrics.enabled=false)", s.metrics.host, self._http.port)
             # Before the engine: a GPU decode device that cannot be opened is found in a
             # second, not after minutes of loading weights.
             frames = self.frames = FrameSource(s.video)
@@ -222,6 +224,11 @@ class Worker:
                 if not self._tracker.owns(tp):
                     continue
                 for record in records:
+                    if not self._tracker.room(tp, record.offset,
+                                              w.max_uncommitted_per_partition):
+                        # Fetched again from here once the partition has room.
+                        consumer.seek(tp, record.offset)
+                        break
                     self._spawn(tp, record)
             if self._idle_or_waiting(paused):
                 self._progress()
@@ -253,11 +260,12 @@ class Worker:
         assert self._pipeline is not None and self._committer is not None
         output = await self._pipeline.process(record)
         if self._guard.holds(output.error_code):
-            # Uncommitted until a restart after the fix redelivers it.
+            # Its offset stays unfinished, so it is uncommitted until a restart after the fix
+            # redelivers it; the task itself ends, so no drain (revoke, stop) waits on it.
             log.warning("%s id=%s: held by the poison guard (%s), not dead-lettered",
                         where(record), output.event_id, output.error_code)
-            self._held.add(asyncio.current_task())
-            await asyncio.Event().wait()
+            self._held.add((tp, record.offset))
+            return
         started = time.monotonic()
         await self._publish(record, output)
         now = time.monotonic()
@@ -316,7 +324,9 @@ class Worker:
     def _apply_pauses(self) -> bool:
         """Pause every partition while in-flight work is above the high watermark (until it
         falls to the low one), while a dependency is down, or once the poison guard has
-        tripped; returns whether partitions are paused."""
+        tripped; returns whether partitions are paused. Otherwise pause just the partitions
+        whose oldest unfinished record is ``worker.max_uncommitted_per_partition`` records
+        behind, until it finishes."""
         consumer = self._consumer
         assert consumer is not None and self._gate is not None
         w = self.settings.worker
@@ -329,12 +339,18 @@ class Worker:
             log.info("backpressure: %d events in flight; resuming partitions", in_flight)
         paused = self._backpressure or bool(self._gate.down()) or \
             self._guard.tripped_code is not None
+        full = self._tracker.over_bound(w.max_uncommitted_per_partition)
         if paused:
             # Newly assigned partitions start unpaused; pausing is idempotent.
             consumer.pause(*consumer.assignment())
-        elif consumer.paused():
-            consumer.resume(*consumer.paused())
+        else:
+            if consumer.paused() - full:
+                consumer.resume(*(consumer.paused() - full))
+            if full:
+                consumer.pause(*(full & consumer.assignment()))
         self.metrics.paused_partitions.set(len(consumer.paused()))
+        for tp, age_s in self._tracker.oldest_ages_s().items():
+            self.metrics.oldest_unfinished_age.labels(tp.topic, str(tp.partition)).set(age_s)
         return paused
 
     # --- rebalance -------------------------------------------------------------------------
@@ -367,10 +383,13 @@ class Worker:
 
     def _forget(self, tps: set[TopicPartition]) -> None:
         self._tracker.drop(tps)
+        self._held = {(tp, offset) for tp, offset in self._held if tp not in tps}
         for tp in tps:
             self._tasks.pop(tp, None)
             with contextlib.suppress(KeyError):
                 self.metrics.consumer_lag.remove(tp.topic, str(tp.partition))
+            with contextlib.suppress(KeyError):
+                self.metrics.oldest_unfinished_age.remove(tp.topic, str(tp.partition))
         self.metrics.assigned_partitions.set(len(self._tracker.partitions()))
 
     def _membership_lost(self) -> bool:
@@ -386,10 +405,7 @@ class Worker:
     async def _shutdown(self) -> None:
         self.health.ready = False
         self.metrics.ready.set(0)
-        for task in self._held:
-            if task is not None:
-                task.cancel()  # nothing to drain: they wait for a restart
-        tasks = [t for ts in self._tasks.values() for t in ts if t not in self._held]
+        tasks = [t for ts in self._tasks.values() for t in ts]
         if tasks and self._fatal is None:
             grace_s = self.settings.worker.shutdown_grace_s
             log.info("draining %d in-flight events (up to %.0f s)", len(tasks), grace_s)
@@ -397,8 +413,7 @@ class Worker:
             tasks = list(pending)
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, *(t for t in self._held if t is not None),
-                             return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._committer is not None and not self._membership_lost():
             try:
                 await self._committer.commit(raise_errors=False)

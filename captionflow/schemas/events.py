@@ -41,7 +41,11 @@ class SamplingOptions(_Model):
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description=(
+        "Completion tokens per request; clamped to the worker's serving.max_tokens. The "
+        "event's requests in all (prompts x windows, summaries, quality-gate retries) stay "
+        "within serving.max_completion_tokens_per_event: an event whose first requests "
+        "cannot fit is refused (invalid_request)."))
     repetition_penalty: float | None = Field(None, gt=0)
     seed: int | None = None
 
@@ -56,9 +60,15 @@ _STATUS_DOC = ("ok; truncated (finish_reason length); repetitive (the n-gram rep
 
 
 class EventOptions(_Model):
-    """Per-event overrides. Frame sampling values (fps, nframes, frame and pixel bounds) are
-    clamped to the worker's video limits; generation values (``sampling``) go to the engine
-    as given, which refuses impossible ones (invalid_request)."""
+    # One line in the shipped JSON Schema (a docstring would carry its line breaks).
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True,
+                              json_schema_extra={"description": (
+        "Per-event overrides, within the worker's limits: frame and pixel options and "
+        "sampling.max_tokens are clamped to them; more prompts than "
+        "serving.max_prompts_per_event, a json_schema above serving.max_json_schema_bytes, "
+        "or an event whose requests cannot fit serving.max_completion_tokens_per_event are "
+        "refused (invalid_request). See docs/captions.md, \"Limits a producer cannot "
+        "lift\".")})
 
     prompt: str | None = Field(None, description="Overrides the conversation's human turn.")
     fps: float | None = Field(None, gt=0)
@@ -74,10 +84,12 @@ class EventOptions(_Model):
     prompts: dict[_PromptName, str] | None = Field(
         None, min_length=1, max_length=MAX_PROMPTS, description=(
             "Several named prompts on one decode: the caption event's `captions` holds one "
-            "caption per name, and `caption` the first one's. Overrides `prompt`."))
+            "caption per name, and `caption` the first one's. Overrides `prompt`. More than "
+            "the worker's serving.max_prompts_per_event is refused (invalid_request)."))
     json_schema: dict[str, Any] | None = Field(None, description=(
         "A JSON Schema that constrains the caption (structured outputs); the caption event "
-        "carries the parsed object in `caption_json`."))
+        "carries the parsed object in `caption_json`. Above the worker's "
+        "serving.max_json_schema_bytes (compact JSON) it is refused (invalid_request)."))
     json_schema_name: str | None = Field(None, min_length=1, description=(
         "The name of a schema from the worker's serving.json_schemas setting."))
     summarize: bool | None = Field(None, description=(

@@ -1,12 +1,11 @@
 """A remote OpenAI-compatible chat-completions server (``vllm serve``) as the backend, so
 decode-heavy CPU workers and GPU servers scale apart.
 
-Frames travel either inline, as the sampled frames themselves (lossless PNG frames in
-vLLM's ``video/jpeg`` frame-sequence data URL, with the frame count and sampling fps in
-per-request ``media_io_kwargs``; the default, and the transport whose greedy tokens were
-checked equal to the in-process engine's against a real vLLM 0.32 server), or as a URL the
-server fetches, decodes and samples itself (``clip.extra["video_url"]``; the server's own
-decoding and sampling, so its tokens need not equal ours). vLLM 0.32 refuses per-request
+Frames travel inline, as the sampled frames themselves (lossless PNG frames in vLLM's
+``video/jpeg`` frame-sequence data URL, with the frame count and sampling fps in
+per-request ``media_io_kwargs``), the transport whose greedy tokens were checked equal to
+the in-process engine's against a real vLLM 0.32 server. The server never fetches a video
+itself: that would bypass the worker's fetch guards and sampling. vLLM 0.32 refuses per-request
 ``media_io_kwargs`` unless the server runs with ``--trust-request-mm-kwargs``; that refusal
 is a fatal configuration error here, saying so. Retries with exponential backoff on 429, 5xx and
 connection errors; concurrency is bounded; every error ends as a typed captionflow error.
@@ -126,22 +125,11 @@ class OpenAIBackend(CaptionBackend):
         clip = request.clip
         media_io: dict[str, Any] = {}
         video_part: dict[str, Any] | None = None
-        if clip is None:
-            pass
-        elif self.settings.openai_video_transport == "url":
-            url = clip.extra.get("video_url")
-            if not url:
-                raise InvalidRequestError(
-                    f"request {request.request_id}: serving.openai_video_transport='url' needs "
-                    "clip.extra['video_url'] (a URL the server can reach); use 'frames' to "
-                    "send the sampled frames inline")
-        else:
-            url = frames_data_url(clip)
+        if clip is not None:
+            video_part = {"type": "video_url", "video_url": {"url": frames_data_url(clip)}}
             # Frame count and rate of what we send, so the server neither drops frames
             # (its default keeps 32) nor guesses the rate that drives the temporal ids.
             media_io = {"video": {"num_frames": clip.num_frames, "fps": float(clip.sample_fps)}}
-        if clip is not None:
-            video_part = {"type": "video_url", "video_url": {"url": url}}
         image_parts = [{"type": "image_url", "image_url": {"url": image_data_url(image)}}
                        for image in request.images]
         body: dict[str, Any] = {
@@ -252,10 +240,10 @@ class OpenAIBackend(CaptionBackend):
         if status == 400 and _UNTRUSTED_MM_KWARGS_MARKER in detail:
             # Every frames request would fail the same way: a deployment mistake.
             return EngineDeadError(
-                f"{where}: {detail} - the frames transport sends each clip's frame count and "
-                "sampling rate as media_io_kwargs: start the vLLM server with "
-                "--trust-request-mm-kwargs (engine_setup.vllm_server_command does), or set "
-                "serving.openai_video_transport='url'")
+                f"{where}: {detail} - the openai backend sends each clip's frame count and "
+                "sampling rate as media_io_kwargs (serving.openai_video_transport='frames'): "
+                "start the vLLM server with --trust-request-mm-kwargs "
+                "(engine_setup.vllm_server_command does)")
         if status == 408:
             return EngineTimeoutError(f"{where}: {detail}")
         if 400 <= status < 500:

@@ -199,10 +199,11 @@ def _video_stream(container: av.container.InputContainer, path: Path) -> av.Vide
 
 
 def probe(path: Path | RemoteVideo, *, max_duration_s: float, max_source_pixels: int | None = None,
-          max_source_frames: int | None = None,
-          max_probe_packets: int | None = None) -> VideoIndex:
+          max_source_frames: int | None = None, max_probe_packets: int | None = None,
+          duration_setting: str = "video.max_duration_s") -> VideoIndex:
     """Demux ``path`` (no decoding) and return its frame index and facts, enforcing the
-    budgets (None = no limit) from the headers first and again while demuxing."""
+    budgets (None = no limit) from the headers first and again while demuxing;
+    ``duration_setting`` names the setting behind ``max_duration_s`` in the error."""
     size_bytes = path.stat().st_size if isinstance(path, Path) else path.size_bytes
     if size_bytes == 0:
         raise VideoEmptyError(f"{path.name} is empty (0 bytes)")
@@ -215,7 +216,7 @@ def probe(path: Path | RemoteVideo, *, max_duration_s: float, max_source_pixels:
                      max_source_pixels, "stream header")
         header_s = _header_duration_s(container, stream)
         if header_s is not None and header_s > max_duration_s:
-            raise _too_long(path, header_s, max_duration_s)
+            raise _too_long(path, header_s, max_duration_s, duration_setting)
         if max_source_frames is not None and (stream.frames or 0) > max_source_frames:
             raise _too_many_frames(path, f"{stream.frames} frames (stream header)",
                                    max_source_frames)
@@ -243,7 +244,8 @@ def probe(path: Path | RemoteVideo, *, max_duration_s: float, max_source_pixels:
                 if n % _CHECK_EVERY_PACKETS == 0 and max_ticks is not None:
                     first_pts = pts_list[0] if first_pts is None else first_pts
                     if pts - first_pts > max_ticks:
-                        raise _too_long(path, float((pts - first_pts) * tb), max_duration_s)
+                        raise _too_long(path, float((pts - first_pts) * tb), max_duration_s,
+                                        duration_setting)
         except av.error.MemoryError as e:
             raise _out_of_memory(path.name) from e
         except av.error.FFmpegError:
@@ -272,7 +274,7 @@ def probe(path: Path | RemoteVideo, *, max_duration_s: float, max_source_pixels:
     else:
         duration_s = 1.0 / guessed
     if duration_s > max_duration_s:
-        raise _too_long(path, duration_s, max_duration_s)
+        raise _too_long(path, duration_s, max_duration_s, duration_setting)
     fps = len(pts_sorted) / duration_s if duration_s > 0 else guessed
     facts = VideoFacts(duration_s=round(duration_s, 6), source_fps=round(fps, 6),
                        total_frames=len(pts_sorted), width=width, height=height, codec=codec,
@@ -281,10 +283,13 @@ def probe(path: Path | RemoteVideo, *, max_duration_s: float, max_source_pixels:
                       seekable=seekable, bytes_read=_bytes_read(path) - bytes_before)
 
 
-def _too_long(path: Path, seconds: float, max_duration_s: float) -> VideoTooLongError:
+def _too_long(path: Path, seconds: float, max_duration_s: float,
+              setting: str = "video.max_duration_s") -> VideoTooLongError:
+    windows = "" if setting == "video.max_duration_s" else " (what the windows cover)"
     return VideoTooLongError(
-        f"{path.name} lasts {seconds:.0f} s, over video.max_duration_s="
-        f"{max_duration_s:.0f}; send a shorter video or raise the limit")
+        f"{path.name} lasts {seconds:.0f} s, over {setting}={max_duration_s:.0f} s"
+        f"{windows}; send a shorter video or raise the limit"
+        + ("" if windows else ", or enable windows (video.window_s)"))
 
 
 def _too_many_frames(path: Path, what: str, limit: int,

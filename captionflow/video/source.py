@@ -56,10 +56,25 @@ class _Plan:
 
 
 def _probe_kwargs(path: Any, settings: VideoSettings) -> dict[str, Any]:
-    return {"path": path, "max_duration_s": settings.max_duration_s,
+    max_s, name = max_video_duration_s(settings)
+    return {"path": path, "max_duration_s": max_s, "duration_setting": name,
             "max_source_pixels": settings.max_source_pixels,
             "max_source_frames": settings.max_source_frames,
             "max_probe_packets": settings.max_probe_packets}
+
+
+def max_video_duration_s(settings: VideoSettings) -> tuple[float, str]:
+    """The longest video an event may reference, and the setting that says so. With windows,
+    ``video.max_duration_s`` bounds each window (the settings keep every window within it),
+    so a video may be as long as ``video.max_windows`` windows cover."""
+    if not settings.window_s:
+        return settings.max_duration_s, "video.max_duration_s"
+    stride_s = settings.window_s - settings.window_overlap_s
+    covered_s = (settings.max_windows - 1) * stride_s + settings.window_s \
+        + settings.window_min_remainder_s
+    if covered_s <= settings.max_duration_s:
+        return settings.max_duration_s, "video.max_duration_s"
+    return covered_s, "video.max_windows x video.window_s"
 
 
 def plan_clips(index: VideoIndex, policy: SamplingPolicy,
