@@ -29,9 +29,11 @@ _WORDS = ("a red ball rolls across the floor while a dog watches from the sofa a
           "changes as clouds pass over the window near the garden gate").split()
 
 
-def caption_event(i: int, *, words: int = 30, seed: int = 0, **extra: Any) -> bytes:
-    """Caption event ``ev-{i:05d}``, with every nested part filled in; ``extra`` adds
-    top-level fields the model does not know (as a newer worker would)."""
+def caption_event(i: int, *, words: int = 30, seed: int = 0, noise_bytes: int = 0,
+                  **extra: Any) -> bytes:
+    """Caption event ``ev-{i:05d}``, with every nested part filled in; ``noise_bytes`` of
+    random hex in its metadata make files that compress little; ``extra`` adds top-level
+    fields the model does not know (as a newer worker would)."""
     rng = random.Random(seed * 1_000_003 + i)
     text = " ".join(rng.choice(_WORDS) for _ in range(words))
     event = CaptionEvent(
@@ -53,7 +55,9 @@ def caption_event(i: int, *, words: int = 30, seed: int = 0, **extra: Any) -> by
         captions_status={"short": "ok", "long": "ok"},
         caption_json={"scene": "room", "count": i, "tags": ["a", "b"]},
         timings=StageTimings(fetch_decode_ms=1.5, inference_ms=float(i)),
-        metadata={"batch": i // 100, "source": "test"},
+        metadata={"batch": i // 100, "source": "test",
+                  **({"noise": rng.randbytes(noise_bytes // 2 + 1).hex()[:noise_bytes]}
+                     if noise_bytes else {})},
         source=SourceCoordinates(topic="captionflow.videos", partition=i % 4, offset=i),
         created_at=f"2026-12-0{1 + i % 3}T10:00:00.000Z")
     raw = encode(event)
