@@ -40,6 +40,7 @@ from captionflow.sink.buffer import PartitionBuffer
 from captionflow.sink.formats import Row, file_format
 from captionflow.sink.layout import DATASETS, EVENT_DATE, KAFKA_PARTITION, Layout
 from captionflow.sink.metrics import SinkMetrics
+from captionflow.sink.readiness import SinkReadiness
 from captionflow.sink.schema import EventSchema, model_column
 from captionflow.sink.stores import Store, open_store
 from captionflow.sink.writer import DatasetWriter, PendingFile
@@ -111,10 +112,12 @@ class Sink:
         self.health = HealthState(settings.sink.liveness_timeout_s)
         self._parts: dict[TopicPartition, _Partition] = {}
         self._stopping = asyncio.Event()
-        self._down: dict[Dependency, str] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._http: HealthServer | None = None
         self.started = asyncio.Event()
+        self.readiness = SinkReadiness(settings, store=self.store, health=self.health,
+                                       metrics=self.metrics, stopping=self._stopping.is_set,
+                                       started=self.started.is_set)
 
     # --- control ---------------------------------------------------------------------------
 
@@ -122,7 +125,7 @@ class Sink:
         if not self._stopping.is_set():
             log.info("stop requested; writing and committing what is buffered")
             self._stopping.set()
-            self._update_ready()
+            self.readiness.update()
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -164,7 +167,9 @@ class Sink:
             consumer.subscribe(list(self.writers), listener=_Listener(self))
             log.info("sinking %s into %s as %s", ", ".join(self.writers), self.store.url,
                      k.format)
-            watch = asyncio.create_task(self._watch(), name="captionflow-sink-watch")
+            watch = asyncio.create_task(self.readiness.run(
+                consumer, failing=self._failing, retry_now=self._retry_now,
+                refresh_lag=self._refresh_lag), name="captionflow-sink-watch")
             try:
                 await self._loop(consumer)
                 await self._drain(time.monotonic() + k.shutdown_grace_s)
@@ -299,7 +304,7 @@ class Sink:
                 self.metrics.write_failures.inc()
                 raise
             part.files.pop(0)
-            self._up(Dependency.OBJECT_STORE)
+            self.readiness.up(Dependency.OBJECT_STORE)
             self.metrics.write_seconds.observe(seconds)
             self.metrics.files.labels(writer.dataset).inc()
             self.metrics.rows.labels(writer.dataset).inc(file.rows)
@@ -319,7 +324,7 @@ class Sink:
             ) from e
         self.metrics.committed()
         part.committed = part.commit_offset
-        self._up(Dependency.BROKER)
+        self.readiness.up(Dependency.BROKER)
         log.debug("committed %s[%d]@%d", tp.topic, tp.partition, part.commit_offset)
 
     def _failed(self, tp: TopicPartition, part: _Partition, error: DependencyError) -> None:
@@ -329,7 +334,7 @@ class Sink:
                       k.retry_backoff_initial_ms * 2 ** (part.failures - 1)) / 1000
         delay_s *= random.uniform(0.5, 1.0)
         part.retry_at = time.monotonic() + delay_s
-        self._down_dep(error.dependency, error.message)
+        self.readiness.down(error.dependency, error.message)
         if not part.paused and self._consumer is not None:
             with contextlib.suppress(KafkaError, AssertionError, KeyError):
                 self._consumer.pause(tp)
@@ -365,69 +370,14 @@ class Sink:
         self._count_buffered()
         log.info("partitions revoked: %s", _names(revoked))
 
-    # --- readiness -------------------------------------------------------------------------
+    def _failing(self) -> bool:
+        return any(p.files is not None and p.failures for p in self._parts.values())
 
-    def _down_dep(self, dependency: Dependency, reason: str) -> None:
-        if dependency not in self._down:
-            log.warning("%s is down (%s); pausing", dependency, reason)
-        self._down[dependency] = reason
-        self.metrics.dependency_up.labels(str(dependency)).set(0)
-        self._update_ready()
+    def _retry_now(self) -> None:
+        for part in self._parts.values():
+            part.retry_at = 0.0
 
-    def _up(self, dependency: Dependency) -> None:
-        if self._down.pop(dependency, None) is not None:
-            log.warning("%s answers again; resuming", dependency)
-        self.metrics.dependency_up.labels(str(dependency)).set(1)
-        self._update_ready()
-
-    def _update_ready(self) -> None:
-        reason = ("stopping" if self._stopping.is_set() else
-                  "; ".join(f"{d} down: {why}" for d, why in self._down.items()) or
-                  ("ready" if self.started.is_set() else "starting"))
-        ready = reason == "ready"
-        self.health.ready, self.health.reason = ready, reason
-        self.metrics.ready.set(1 if ready else 0)
-
-    async def _watch(self) -> None:
-        """Probe the store and the broker (an idle sink notices an outage too), refresh the
-        lag, and keep readiness current."""
-        k = self.settings.sink
-        last_probe = 0.0
-        while True:
-            now = time.monotonic()
-            if now - last_probe >= (1.0 if self._down else k.probe_interval_s):
-                last_probe = now
-                await self._probe()
-            self._refresh_lag()
-            self._update_ready()
-            await asyncio.sleep(1.0)
-
-    async def _probe(self) -> None:
-        k = self.settings.sink
-        store_ok = False
-        with contextlib.suppress(Exception):
-            store_ok = await asyncio.wait_for(asyncio.to_thread(self.store.probe),
-                                              k.probe_timeout_s)
-        failing = any(p.files is not None and p.failures for p in self._parts.values())
-        if not store_ok:
-            self._down_dep(Dependency.OBJECT_STORE, f"{self.store.url} does not answer")
-        elif Dependency.OBJECT_STORE in self._down and not failing:
-            self._up(Dependency.OBJECT_STORE)
-        elif failing:
-            # The store answers again: retry the writes now instead of after the backoff.
-            for p in self._parts.values():
-                p.retry_at = 0.0
-        broker_ok = False
-        if self._consumer is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._consumer._client.fetch_all_metadata(),
-                                       k.probe_timeout_s)
-                broker_ok = True
-        if not broker_ok:
-            self._down_dep(Dependency.BROKER,
-                           f"Kafka at {self.settings.kafka.bootstrap_servers} does not answer")
-        elif Dependency.BROKER in self._down and not failing:
-            self._up(Dependency.BROKER)
+    # --- lag -----------------------------------------------------------------------------
 
     def _refresh_lag(self) -> None:
         consumer = self._consumer
