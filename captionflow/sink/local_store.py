@@ -8,6 +8,7 @@ the old file, or no file, or the whole new one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from pathlib import Path
@@ -50,7 +51,8 @@ class LocalStore:
             os.replace(tmp, final)
             _sync_dir(final.parent)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
             raise ObjectStoreUnavailableError(
                 f"writing {final} failed ({e}); check free space and permissions") from e
 
