@@ -150,7 +150,10 @@ class EventSchema:
         arrays = []
         fields = []
         for name, column in self.columns:
-            values = [_convert(row.get(name), column) for row in rows]
+            if column.converts:
+                values = [_convert(row.get(name), column) for row in rows]
+            else:
+                values = [row.get(name) for row in rows]
             arrays.append(pa.array(values, type=column.type))
             fields.append(pa.field(name, column.type))
         for name in extra:
