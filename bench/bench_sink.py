@@ -40,7 +40,8 @@ import pyarrow.parquet as pq
 
 from captionflow.broker import EmbeddedBroker
 from captionflow.config import MetricsSettings, Settings, SinkSettings, TopicSettings
-from captionflow.kafka import ensure_topics, make_producer
+from captionflow.consumer.subscriber import assign_all
+from captionflow.kafka import ensure_topics, make_consumer, make_producer
 from captionflow.schemas.codec import encode
 from captionflow.schemas.events import (
     CaptionEvent,
@@ -137,6 +138,27 @@ async def run_sink(settings: Settings, events: int) -> tuple[float, int]:
     return took, int(sink.metrics.bytes.labels("captions")._value.get())
 
 
+async def consume_only(kafka, events: int) -> float:  # type: ignore[no-untyped-def]
+    """Seconds to read and parse the N records with the same client and poll size: the
+    Kafka side of the sink's time."""
+    consumer = make_consumer(kafka, client_suffix="-bench", enable_auto_commit=False,
+                             auto_offset_reset="earliest", max_poll_records=5000)
+    await consumer.start()
+    try:
+        await assign_all(consumer, ["bench.captions"], from_beginning=True)
+        seen, started = 0, None
+        while seen < events:
+            for records in (await consumer.getmany(timeout_ms=100, max_records=5000)).values():
+                if started is None and records:
+                    started = time.perf_counter()
+                for r in records:
+                    orjson.loads(r.value)
+                seen += len(records)
+        return time.perf_counter() - started
+    finally:
+        await consumer.stop()
+
+
 async def main(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="cf-bench-sink-"))
     os.environ.update(S3_ENV)
@@ -175,6 +197,9 @@ async def main(args: argparse.Namespace) -> None:
                 return s3fs.get_file_info(f"bench/ref/{name}").size
 
             results = []
+            consume_s = await consume_only(kafka, args.events)
+            results.append(("-", "Kafka read + parse only", args.events / consume_s,
+                            in_bytes / consume_s / 1e6, 0.0, consume_s))
             for dest, to, write in (("local", str(work / "sink"), write_local),
                                     ("s3", "s3://bench/sink/", write_s3)):
                 ref_s, ref_bytes = reference(raws, args.flush_records, write)

@@ -373,7 +373,7 @@ class SinkSettings(_Section):
     # A Kafka partition's buffered records become files when any of these is reached.
     flush_records: int = Field(10_000, ge=1)
     # Bytes of the records as consumed (JSON), not of the file written.
-    flush_bytes: int = Field(64 * 1024**2, ge=1)
+    flush_bytes: int = Field(32 * 1024**2, ge=1)
     flush_interval_s: float = Field(60.0, gt=0)
     # Also sink topics.dead_letter, into a dataset of its own.
     dead_letter: bool = False
