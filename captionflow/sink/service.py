@@ -35,15 +35,12 @@ from captionflow.config import Settings
 from captionflow.consumer.health import HealthServer, HealthState
 from captionflow.errors import BrokerUnavailableError, ConfigError, Dependency, DependencyError
 from captionflow.kafka import make_consumer, start_client
-from captionflow.schemas.events import CaptionEvent, DeadLetterEvent
 from captionflow.sink.buffer import PartitionBuffer
-from captionflow.sink.formats import Row, file_format
-from captionflow.sink.layout import DATASETS, EVENT_DATE, KAFKA_PARTITION, Layout
+from captionflow.sink.formats import Row
 from captionflow.sink.metrics import SinkMetrics
 from captionflow.sink.readiness import SinkReadiness
-from captionflow.sink.schema import EventSchema, model_column
 from captionflow.sink.stores import Store, open_store
-from captionflow.sink.writer import DatasetWriter, PendingFile
+from captionflow.sink.writer import PendingFile, build_writers
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +58,7 @@ class _Partition:
     # The partition's committed offset as far as this sink knows (where it started
     # reading, then each commit).
     committed: int | None = None
+    rolling: asyncio.Task[bool] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -73,28 +71,6 @@ class _Listener(ConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self._sink._assigned(set(assigned))
-
-
-def build_writers(settings: Settings, store: Store) -> dict[str, DatasetWriter]:
-    """topic -> the writer of its dataset."""
-    s, t = settings.sink, settings.topics
-    fmt = file_format(s.format, parquet_compression=s.parquet_compression)
-    wanted = {t.output: (DATASETS["output"], CaptionEvent)}
-    if s.dead_letter:
-        wanted[t.dead_letter] = (DATASETS["dead_letter"], DeadLetterEvent)
-    writers = {}
-    for topic, (dataset, model) in wanted.items():
-        known = {name for name, _ in model_column(model).children}
-        partition_by = s.partition_by
-        if model is DeadLetterEvent:
-            # Folders by a caption field (model, status) mean nothing for a dead letter.
-            partition_by = tuple(n for n in partition_by
-                                 if n in (KAFKA_PARTITION, EVENT_DATE) or n in known) \
-                or (KAFKA_PARTITION,)
-        layout = Layout(dataset, partition_by, known_fields=known)
-        schema = EventSchema(model, drop=layout.fields if fmt.drops_partition_fields else ())
-        writers[topic] = DatasetWriter(store, layout=layout, file_format=fmt, schema=schema)
-    return writers
 
 
 class Sink:
@@ -112,6 +88,7 @@ class Sink:
         self.health = HealthState(settings.sink.liveness_timeout_s)
         self._parts: dict[TopicPartition, _Partition] = {}
         self._stopping = asyncio.Event()
+        self._crash: BaseException | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._http: HealthServer | None = None
         self.started = asyncio.Event()
@@ -172,12 +149,14 @@ class Sink:
                 refresh_lag=self._refresh_lag), name="captionflow-sink-watch")
             try:
                 await self._loop(consumer)
-                await self._drain(time.monotonic() + k.shutdown_grace_s)
+                await self._rolls_finished()
+                if self._crash is None:
+                    await self._drain(time.monotonic() + k.shutdown_grace_s)
             finally:
                 watch.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watch
-        return 0
+        return 0 if self._crash is None else 1
 
     async def _loop(self, consumer: AIOKafkaConsumer) -> None:
         k = self.settings.sink
@@ -197,7 +176,7 @@ class Sink:
                 if consumer.assignment():
                     self.started.set()
                 self.health.progress()
-                await self._roll_due()
+                self._roll_due()
         finally:
             stop.cancel()
 
@@ -246,16 +225,32 @@ class Sink:
         self.metrics.buffered.set(sum(p.buffer.records + p.records
                                       for p in self._parts.values()))
 
-    async def _roll_due(self) -> None:
+    def _roll_due(self) -> None:
+        """Start a roll for every partition that is due and has none running: files are
+        encoded and written in threads while the loop goes on polling."""
         k = self.settings.sink
         now = time.monotonic()
-        due = [tp for tp, p in self._parts.items()
-               if (p.files is not None and now >= p.retry_at) or
-               (p.files is None and p.buffer.due(
-                   flush_records=k.flush_records, flush_bytes=k.flush_bytes,
-                   flush_interval_s=k.flush_interval_s, now=now))]
-        if due:
-            await asyncio.gather(*(self._roll(tp) for tp in due))
+        for tp, p in self._parts.items():
+            if p.rolling is not None and not p.rolling.done():
+                continue
+            if (p.files is not None and now >= p.retry_at) or (p.files is None and p.buffer.due(
+                    flush_records=k.flush_records, flush_bytes=k.flush_bytes,
+                    flush_interval_s=k.flush_interval_s, now=now)):
+                p.rolling = asyncio.create_task(self._roll(tp),
+                                                name=f"captionflow-sink-roll-{tp.partition}")
+                p.rolling.add_done_callback(self._roll_done)
+
+    def _roll_done(self, task: asyncio.Task[bool]) -> None:
+        # A roll handles outages itself; anything else is a defect: stop, commit nothing more.
+        if not task.cancelled() and task.exception() is not None and self._crash is None:
+            self._crash = task.exception()
+            log.error("a roll failed unexpectedly; stopping", exc_info=self._crash)
+            self._stopping.set()
+
+    async def _rolls_finished(self) -> None:
+        running = [p.rolling for p in self._parts.values()
+                   if p.rolling is not None and not p.rolling.done()]
+        await asyncio.gather(*running, return_exceptions=True)
 
     async def _roll(self, tp: TopicPartition, *, force: bool = False) -> bool:
         """Write and commit ``tp``'s roll (starting one from its buffer if none is pending).

@@ -12,9 +12,11 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from captionflow.sink.formats import FileFormat, Row
-from captionflow.sink.layout import FileName, Layout
-from captionflow.sink.schema import EventSchema
+from captionflow.config import Settings
+from captionflow.schemas.events import CaptionEvent, DeadLetterEvent
+from captionflow.sink.formats import FileFormat, Row, file_format
+from captionflow.sink.layout import DATASETS, EVENT_DATE, KAFKA_PARTITION, FileName, Layout
+from captionflow.sink.schema import EventSchema, model_column
 from captionflow.sink.stores import Store
 
 log = logging.getLogger(__name__)
@@ -68,3 +70,25 @@ class DatasetWriter:
         started = time.monotonic()
         self.store.put(file.key, file.body)
         return time.monotonic() - started
+
+
+def build_writers(settings: Settings, store: Store) -> dict[str, DatasetWriter]:
+    """topic -> the writer of its dataset."""
+    s, t = settings.sink, settings.topics
+    fmt = file_format(s.format, parquet_compression=s.parquet_compression)
+    wanted = {t.output: (DATASETS["output"], CaptionEvent)}
+    if s.dead_letter:
+        wanted[t.dead_letter] = (DATASETS["dead_letter"], DeadLetterEvent)
+    writers = {}
+    for topic, (dataset, model) in wanted.items():
+        known = {name for name, _ in model_column(model).children}
+        partition_by = s.partition_by
+        if model is DeadLetterEvent:
+            # Folders by a caption field (model, status) mean nothing for a dead letter.
+            partition_by = tuple(n for n in partition_by
+                                 if n in (KAFKA_PARTITION, EVENT_DATE) or n in known) \
+                or (KAFKA_PARTITION,)
+        layout = Layout(dataset, partition_by, known_fields=known)
+        schema = EventSchema(model, drop=layout.fields if fmt.drops_partition_fields else ())
+        writers[topic] = DatasetWriter(store, layout=layout, file_format=fmt, schema=schema)
+    return writers
