@@ -12,8 +12,8 @@ partitions, and for each destination:
   (its group join excluded), with ``--flush-records`` per roll.
 
 It prints rows/s, input MB/s (the records' JSON) and output MB/s (Parquet), and the sink's
-share of the reference (1.0 = as fast as the plain write). S3 is a moto server on
-loopback, started here.
+share of the reference (1.0 = as fast as the plain write): medians of ``--repeat``
+interleaved runs. S3 is a moto server on loopback, started here.
 
     .venv/bin/python bench/bench_sink.py --events 20000
 """
@@ -25,6 +25,7 @@ import asyncio
 import os
 import random
 import shutil
+import statistics
 import socket
 import subprocess
 import sys
@@ -197,26 +198,36 @@ async def main(args: argparse.Namespace) -> None:
                 return s3fs.get_file_info(f"bench/ref/{name}").size
 
             results = []
-            consume_s = await consume_only(kafka, args.events)
+            consume_s = statistics.median([await consume_only(kafka, args.events)
+                                           for _ in range(args.repeat)])
             results.append(("-", "Kafka read + parse only", args.events / consume_s,
                             in_bytes / consume_s / 1e6, 0.0, consume_s))
-            for dest, to, write in (("local", str(work / "sink"), write_local),
-                                    ("s3", "s3://bench/sink/", write_s3)):
-                ref_s, ref_bytes = reference(raws, args.flush_records, write)
-                settings = Settings(
-                    kafka=kafka, topics=TopicSettings(output="bench.captions"),
-                    metrics=MetricsSettings(enabled=False),
-                    video={"s3_endpoint_url": endpoint, "s3_addressing_style": "path"},
-                    sink=SinkSettings(to=to, group_id=f"bench-{dest}",
-                                      flush_records=args.flush_records,
-                                      flush_interval_s=1.0, session_timeout_ms=2000,
-                                      heartbeat_interval_ms=300, poll_timeout_ms=100,
-                                      max_poll_records=5000))
-                sink_s, sink_bytes = await run_sink(settings, args.events)
-                for what, s, out in (("reference", ref_s, ref_bytes), ("sink", sink_s, sink_bytes)):
-                    results.append((dest, what, args.events / s, in_bytes / s / 1e6,
-                                    out / s / 1e6, s))
-                print(f"{dest}: sink/reference rows/s = {ref_s / sink_s:.2f}", flush=True)
+            for dest, write in (("local", write_local), ("s3", write_s3)):
+                refs, sinks, ratios = [], [], []
+                for r in range(args.repeat):  # interleaved, so load changes hit both alike
+                    ref_s, ref_bytes = reference(raws, args.flush_records, write)
+                    to = str(work / f"sink-{r}") if dest == "local" else f"s3://bench/sink-{r}/"
+                    settings = Settings(
+                        kafka=kafka, topics=TopicSettings(output="bench.captions"),
+                        metrics=MetricsSettings(enabled=False),
+                        video={"s3_endpoint_url": endpoint, "s3_addressing_style": "path"},
+                        sink=SinkSettings(to=to, group_id=f"bench-{dest}-{r}",
+                                          flush_records=args.flush_records,
+                                          flush_interval_s=1.0, session_timeout_ms=2000,
+                                          heartbeat_interval_ms=300, poll_timeout_ms=100,
+                                          max_poll_records=5000))
+                    sink_s, sink_bytes = await run_sink(settings, args.events)
+                    refs.append((ref_s, ref_bytes))
+                    sinks.append((sink_s, sink_bytes))
+                    ratios.append(ref_s / sink_s)
+                for what, runs in (("reference", refs), ("sink", sinks)):
+                    s_ = statistics.median(t for t, _ in runs)
+                    out = statistics.median(b for _, b in runs)
+                    results.append((dest, what, args.events / s_, in_bytes / s_ / 1e6,
+                                    out / s_ / 1e6, s_))
+                print(f"{dest}: sink/reference rows/s, each run: "
+                      f"{', '.join(f'{x:.2f}' for x in ratios)}; median "
+                      f"{statistics.median(ratios):.2f}", flush=True)
         print(f"\n| destination | writer | rows/s | JSON in MB/s | Parquet out MB/s | s |")
         print("|---|---|---:|---:|---:|---:|")
         for dest, what, rps, mbs_in, mbs_out, s in results:
@@ -232,4 +243,5 @@ if __name__ == "__main__":
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--flush-records", type=int, default=5_000)
+    parser.add_argument("--repeat", type=int, default=3, help="Runs of each; medians shown.")
     asyncio.run(main(parser.parse_args()))

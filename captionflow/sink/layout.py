@@ -10,6 +10,7 @@ pyarrow.dataset read them; a missing value is ``__HIVE_DEFAULT_PARTITION__``.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -65,8 +66,11 @@ class Layout:
         self.partition_by = partition_by
         # Fields of the event that become folders (left out of Parquet rows).
         self.fields = tuple(n for n in partition_by if n not in (KAFKA_PARTITION, EVENT_DATE))
+        self._only_kafka_partition = partition_by == (KAFKA_PARTITION,)
 
     def folder(self, partition: int, data: dict[str, Any]) -> str:
+        if self._only_kafka_partition:
+            return f"{KAFKA_PARTITION}={partition}"
         parts = []
         for name in self.partition_by:
             if name == KAFKA_PARTITION:
@@ -84,6 +88,11 @@ class Layout:
         return f"{self.dataset}/{folder}/{name}"
 
 
+@functools.lru_cache(maxsize=4096)
+def _quoted(text: str) -> str:
+    return quote(text, safe="-_.~ @:,+")
+
+
 def _folder_value(value: Any) -> str:
     if value is None or value == "":
         return NULL_FOLDER_VALUE
@@ -93,4 +102,4 @@ def _folder_value(value: Any) -> str:
         return NULL_FOLDER_VALUE  # not a folder value; the row keeps it (JSONL) or loses it
     else:
         text = str(value)
-    return quote(text, safe="-_.~ @:,+")
+    return _quoted(text)
