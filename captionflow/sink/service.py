@@ -356,7 +356,7 @@ class Sink:
             return
         deadline = time.monotonic() + min(10.0, self.settings.sink.shutdown_grace_s)
         for tp in revoked:
-            if tp in self._parts:
+            if tp in self._parts and self._crash is None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self._roll(tp, force=True),
                                            max(0.1, deadline - time.monotonic()))
