@@ -17,7 +17,7 @@ from tests.support.worker_fixtures import make_video
 
 
 def test_run_file_writes_its_output_to_s3_and_resumes_from_it(tmp_path, s3_server, s3_bucket):
-    videos = [make_video(tmp_path / f"v{i}.mp4", i) for i in range(3)]
+    videos = [make_video(tmp_path / f"v{i}.mp4", i) for i in range(2)]
     source = tmp_path / "in.json"
     source.write_bytes(orjson.dumps([{"id": f"r{i}", "video": [str(v)]}
                                      for i, v in enumerate(videos)]))
@@ -26,15 +26,15 @@ def test_run_file_writes_its_output_to_s3_and_resumes_from_it(tmp_path, s3_serve
     first = Echo()
     report = asyncio.run(run_file(source, output, cache_type="jsonl", settings=settings,
                                   backend=first, keys=RowKeys()))
-    assert report.captioned == 3 and first.calls == 3
+    assert report.captioned == 2 and first.calls == 2
     body = s3_server.client().get_object(Bucket=s3_bucket, Key="runs/out_step1.jsonl")
     rows = [orjson.loads(line) for line in body["Body"].read().splitlines()]
-    assert [r["id"] for r in rows] == ["r0", "r1", "r2"] and all(r["caption"] for r in rows)
+    assert [r["id"] for r in rows] == ["r0", "r1"] and all(r["caption"] for r in rows)
 
     again = Echo()  # a rerun reads the S3 output back and skips what it holds
     report = asyncio.run(run_file(source, output, cache_type="jsonl", settings=settings,
                                   backend=again, keys=RowKeys()))
-    assert again.calls == 0 and report.skipped == 3
+    assert again.calls == 0 and report.skipped == 2
 
 
 def test_file_storage_with_an_s3_cache_path(tmp_path, s3_server, s3_bucket, monkeypatch):

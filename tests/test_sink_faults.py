@@ -30,8 +30,8 @@ from tests.support.sink_helpers import caption_event, produce, running_sink, sin
 
 pytestmark = pytest.mark.timeout(240)
 
-PART_BYTES = 64 * 1024
-NOISE_BYTES = 4000
+PART_BYTES = 32 * 1024
+NOISE_BYTES = 2000
 
 
 def get(url: str) -> tuple[int, str]:
