@@ -4,6 +4,7 @@ events produced with the project's own codec land as a dataset that pyarrow read
 from __future__ import annotations
 
 import asyncio
+import gzip
 import time
 import urllib.request
 
@@ -140,3 +141,25 @@ def test_a_field_that_appears_later_adds_a_column(tmp_path, kafka, topics, group
     assert orjson.loads(rows["ev-00023"]["quality"]) == {"score": 0.73, "flags": ["sharp"]}
     assert rows["ev-00004"]["date"] == "2026-12-02" and rows["ev-00004"]["video_info"]["codec"] == "h264"
     assert table.schema.field("reviewed").type == pa.bool_()
+
+
+def test_jsonl_gz_by_model_keeps_records_as_they_were_and_leaves_out_non_objects(
+        tmp_path, kafka, topics, group_id):
+    settings = sink_settings(kafka, topics, to=str(tmp_path), group_id=group_id,
+                             format="jsonl.gz", flush_interval_s=0.5,
+                             partition_by=("model", "partition"))
+    events = [caption_event(i) for i in range(12)]
+
+    async def go() -> str:
+        async with running_sink(settings) as sink:
+            await produce(kafka, topics.output, [*events, b"not json", b"[1, 2]"])
+            await wait_all_committed(kafka, topics.output, group_id, timeout_s=30)
+            with urllib.request.urlopen(f"http://127.0.0.1:{sink.http_port}/metrics") as r:
+                return r.read().decode()
+
+    metrics = asyncio.run(go())
+    assert 'captionflow_sink_records_skipped_total{reason="malformed_json"} 2.0' in metrics
+    files = sorted(tmp_path.glob("captions/model=Qwen%2FQwen2.5-VL-7B-Instruct/partition=*/"
+                                 "*.jsonl.gz"))
+    lines = [line for f in files for line in gzip.decompress(f.read_bytes()).splitlines()]
+    assert sorted(lines) == sorted(events)  # byte for byte, the model field kept

@@ -74,7 +74,10 @@ async def produce(kafka: KafkaSettings, topic: str, values: Iterable[bytes]) -> 
     try:
         futures = []
         for value in values:
-            key = orjson.loads(value).get("id", "").encode()
+            try:
+                key = str(orjson.loads(value).get("id", "")).encode()
+            except (orjson.JSONDecodeError, AttributeError):
+                key = None  # not an event: a malformed record
             futures.append(await producer.send(topic, value, key=key))
         await asyncio.gather(*futures)
         return len(futures)
