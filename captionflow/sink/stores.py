@@ -27,9 +27,6 @@ class Store(Protocol):
     def put(self, key: str, body: bytes) -> None:
         """Write ``body`` under ``key`` (relative to the destination), atomically."""
 
-    def list(self, prefix: str) -> list[str]:
-        """Keys under ``prefix`` (relative to the destination), visible to readers."""
-
     def probe(self) -> bool:
         """Whether the destination answers and can be written (cheap; for /readyz)."""
 
