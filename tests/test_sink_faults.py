@@ -172,13 +172,14 @@ def test_sigkilled_three_times_every_caption_lands_exactly_once(
                "CAPTIONFLOW_SINK__S3_PART_BYTES": str(PART_BYTES)}
         args = ["--to", f"s3://{bucket}/", "--group", group_id, "--metrics-port", str(port),
                 "--partition-by", "date", "--partition-by", "partition",
-                "--flush-records", "120", "--flush-interval-s", "2"]
+                "--flush-records", "120"]
         log = tmp_path / "sink.log"
         events = [caption_event(i, noise_bytes=NOISE_BYTES) for i in range(1000)]
         left_uncommitted: list[str] = []
 
-        def start() -> SinkProcess:
-            sink = SinkProcess(args, env, log, port)
+        def start(flush_interval_s: float = 2.0) -> SinkProcess:
+            sink = SinkProcess([*args, "--flush-interval-s", str(flush_interval_s)], env, log,
+                               port)
             sink.wait_ready()
             return sink
 
@@ -212,7 +213,7 @@ def test_sigkilled_three_times_every_caption_lands_exactly_once(
 
         with StoreWatch(client, bucket) as watch:
             # 1. Mid-file: 30 records buffered (below every roll bound), none written.
-            sink = start()
+            sink = start(flush_interval_s=60)
             asyncio.run(produce(kafka, topics.output, events[:30]))
             deadline = time.monotonic() + 30
             while sink.metric("captionflow_sink_buffered_records") != 30:
