@@ -1,6 +1,7 @@
 """The sink's exactly-once claim under faults caused for real: a `captionflow sink` process
-SIGKILLed while it buffers and while it uploads, and the S3 server killed and restarted on
-its port while the sink writes. Asserted on what the broker and the store hold."""
+SIGKILLed while it buffers and while it uploads, the S3 server killed and restarted on its
+port while the sink writes, and the broker hung (SIGSTOP) between a write and its commit.
+Asserted on what the broker and the store hold."""
 
 from __future__ import annotations
 
@@ -22,8 +23,11 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
+from captionflow.broker import EmbeddedBroker, run_sync
 from captionflow.config import KafkaSettings, TopicSettings
+from captionflow.kafka import ensure_topics
 from captionflow.sink.layout import FileName
+from captionflow.sink.read import open_dataset
 from tests.support.kafka_helpers import committed_offsets, wait_all_committed, wait_until
 from tests.support.s3_fixtures import MotoServer, free_port
 from tests.support.sink_helpers import caption_event, produce, running_sink, sink_settings
@@ -311,3 +315,46 @@ def test_store_outage_pauses_the_sink_and_loses_nothing(
         assert set(ids.values()) == {1}
     finally:
         server.stop()
+
+
+def test_hung_broker_pauses_the_sink_and_the_rerun_rewrites_the_same_files(tmp_path):
+    """The broker SIGSTOPped (hung, state kept) between a roll's write and its commit: the
+    commit fails, /readyz answers 503, and once the broker answers again the files are
+    committed or rewritten under the same names: every caption once."""
+    with EmbeddedBroker(log_path=tmp_path / "tansu.log") as broker:
+        kafka = broker.kafka_settings()
+        topics = TopicSettings(input="hb.in", output="hb.out", dead_letter="hb.dlq")
+        run_sync(ensure_topics(kafka, (topics.input, topics.output, topics.dead_letter),
+                               partitions=4))
+        settings = sink_settings(kafka, topics, to=str(tmp_path / "ds"), group_id="hb-sink",
+                                 flush_interval_s=4.0, commit_timeout_ms=1500)
+        pid = broker._proc.pid  # type: ignore[union-attr]
+
+        async def go() -> None:
+            async with running_sink(settings) as sink:
+                base = f"http://127.0.0.1:{sink.http_port}"
+
+                def scrape(name: str) -> float:
+                    return metric(get(base + "/metrics")[1], name) or 0.0
+
+                await produce(kafka, topics.output, (caption_event(i) for i in range(40)))
+                await wait_until(lambda: scrape("captionflow_sink_buffered_records") == 40,
+                                 timeout_s=20, interval_s=0.02)
+                os.kill(pid, signal.SIGSTOP)
+                try:
+                    # The roll writes its files (the store answers); its commit cannot.
+                    await wait_until(lambda: scrape(
+                        'captionflow_sink_commits_total{result="failed"}') >= 1, timeout_s=20)
+                    assert list((tmp_path / "ds").glob("captions/*/*.parquet"))
+                    await wait_until(lambda: get(base + "/readyz")[0] == 503, timeout_s=10)
+                    assert "broker down" in get(base + "/readyz")[1]
+                    await asyncio.sleep(2)
+                finally:
+                    os.kill(pid, signal.SIGCONT)
+                await wait_all_committed(kafka, topics.output, "hb-sink", timeout_s=60)
+                await wait_until(lambda: get(base + "/readyz")[0] == 200, timeout_s=30)
+
+        asyncio.run(go())
+    ids = Counter(open_dataset(str(tmp_path / "ds" / "captions")).to_table(
+        columns=["id"]).column("id").to_pylist())
+    assert sorted(ids) == [f"ev-{i:05d}" for i in range(40)] and set(ids.values()) == {1}
