@@ -317,7 +317,7 @@ def test_store_outage_pauses_the_sink_and_loses_nothing(
         server.stop()
 
 
-def test_hung_broker_pauses_the_sink_and_the_rerun_rewrites_the_same_files(tmp_path):
+def test_hung_broker_pauses_the_sink_and_nothing_is_lost_or_twice(tmp_path):
     """The broker SIGSTOPped (hung, state kept) between a roll's write and its commit: the
     commit fails, /readyz answers 503, and once the broker answers again the files are
     committed or rewritten under the same names: every caption once."""
