@@ -217,6 +217,56 @@ def subscribe(
         raise typer.Exit(1)
 
 
+@app.command()
+def sink(
+    to: Annotated[str | None, typer.Option(
+        "--to", help="Destination: a local directory or s3://bucket/prefix/ (sink.to).")] = None,
+    file_format: Annotated[str | None, typer.Option(
+        "--format", help="parquet | jsonl | jsonl.gz (sink.format).")] = None,
+    partition_by: Annotated[list[str] | None, typer.Option(
+        "--partition-by", help="Hive folder level, outermost first (repeatable): partition "
+                               "(Kafka's), date (the event's), or a top-level field such as "
+                               "model (sink.partition_by).")] = None,
+    flush_records: Annotated[int | None, typer.Option(
+        help="Roll a partition's file at this many records (sink.flush_records).")] = None,
+    flush_bytes: Annotated[int | None, typer.Option(
+        help="... or at this many bytes of records (sink.flush_bytes).")] = None,
+    flush_interval_s: Annotated[float | None, typer.Option(
+        help="... or when its oldest record has waited this long (sink.flush_interval_s).")
+    ] = None,
+    dead_letter: Annotated[bool, typer.Option(
+        "--dead-letter", help="Also sink the dead-letter topic (sink.dead_letter).")] = False,
+    group: Annotated[str | None, typer.Option(help="Consumer group (sink.group_id).")] = None,
+    metrics_port: Annotated[int | None, typer.Option(
+        help="Port of /metrics, /healthz, /readyz (sink.metrics_port); 0 = any free.")] = None,
+    config: ConfigOpt = None, bootstrap_servers: BootstrapOpt = None, verbose: VerboseOpt = False,
+) -> None:
+    """Write caption events (and dead letters) into Parquet or JSONL files, exactly once."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_before_start)
+    setup_logging(verbose, service=True)
+    from captionflow.sink.service import Sink
+
+    settings = load_settings(config, **{
+        "kafka.bootstrap_servers": bootstrap_servers, "sink.to": to,
+        "sink.format": file_format,
+        "sink.partition_by": tuple(partition_by) if partition_by else None,
+        "sink.flush_records": flush_records, "sink.flush_bytes": flush_bytes,
+        "sink.flush_interval_s": flush_interval_s, "sink.dead_letter": dead_letter or None,
+        "sink.group_id": group, "sink.metrics_port": metrics_port})
+
+    async def go() -> int:
+        service = Sink(settings)
+        service.install_signal_handlers()
+        return await service.run()
+
+    try:
+        code = asyncio.run(go())
+    except CaptionflowError as e:
+        raise fail(e) from e
+    raise typer.Exit(code)
+
+
 def _exit_before_start(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
@@ -301,6 +351,7 @@ def run(
     from captionflow.batch.files import cache_type_of, check_cache_type, step_path
     from captionflow.batch.job import run_file
     from captionflow.batch.progress import row_progress
+    from captionflow.batch.remote import remote_url
     from captionflow.batch.rows import RowKeys
     from captionflow.serving.factory import make_backend
 
@@ -311,6 +362,7 @@ def run(
     try:
         kind = check_cache_type(cache_type or (cache_type_of(output) if output else "json"))
         target = output or step_path(cache_path, file_name_prefix, step, kind)
+        target = remote_url(target) or target  # an s3:// URL that Path folded to s3:/
     except CaptionflowError as e:
         raise fail(e, 2) from e
     keys = RowKeys(video=input_video_key, image=input_image_key,

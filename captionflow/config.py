@@ -475,6 +475,62 @@ class MetricsSettings(_Section):
         description="Port of the metrics and health endpoints (0: any free port).")
 
 
+class SinkSettings(_Section):
+    """`captionflow sink`: the caption (and dead-letter) topic into a dataset
+    (docs/sink.md)."""
+
+    # A local directory, or s3://bucket/prefix/ (the AWS chain, as for video reads).
+    to: str | None = None
+    group_id: str = "captionflow-sink"
+    format: Literal["parquet", "jsonl", "jsonl.gz"] = "parquet"
+    # Hive-style folders, outermost first: "partition" (the Kafka partition), "date" (the
+    # UTC date of the event's created_at), or any top-level field of the event.
+    partition_by: tuple[str, ...] = ("partition",)
+    # A Kafka partition's buffered records become files when any of these is reached.
+    flush_records: int = Field(10_000, ge=1)
+    # Bytes of the records as consumed (JSON), not of the file written.
+    flush_bytes: int = Field(32 * 1024**2, ge=1)
+    flush_interval_s: float = Field(60.0, gt=0)
+    # Also sink topics.dead_letter, into a dataset of its own.
+    dead_letter: bool = False
+    parquet_compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+    # Files above this size go up as a multipart upload in parts of this size (S3 wants
+    # at least 5 MiB per part but the last); smaller ones in one PUT.
+    s3_part_bytes: int = Field(8 * 1024**2, ge=1)
+    # Overrides video.s3_endpoint_url for the dataset (videos and dataset in two stores).
+    s3_endpoint_url: str | None = None
+    poll_timeout_ms: int = Field(500, ge=1)
+    max_poll_records: int = Field(2_000, ge=1)
+    session_timeout_ms: int = Field(10_000, gt=0)
+    heartbeat_interval_ms: int = Field(3_000, gt=0)
+    commit_timeout_ms: int = Field(10_000, gt=0)
+    # A failed write or commit is retried with capped exponential backoff and jitter,
+    # while the partition stays paused and /readyz answers 503.
+    retry_backoff_initial_ms: int = Field(500, gt=0)
+    retry_backoff_max_ms: int = Field(15_000, gt=0)
+    probe_interval_s: float = Field(5.0, gt=0)
+    probe_timeout_s: float = Field(5.0, gt=0)
+    # SIGTERM: flush what is buffered and commit it within this many seconds.
+    shutdown_grace_s: float = Field(25.0, gt=0)
+    liveness_timeout_s: float = Field(120.0, gt=0)
+    # Its own port, so that a worker and a sink can run on one host.
+    metrics_port: int = Field(9410, ge=0, le=65535)
+
+    @model_validator(mode="after")
+    def _check(self) -> SinkSettings:
+        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+            raise ValueError("sink.heartbeat_interval_ms must be below sink.session_timeout_ms")
+        if self.retry_backoff_max_ms < self.retry_backoff_initial_ms:
+            raise ValueError(
+                "sink.retry_backoff_max_ms must not be below sink.retry_backoff_initial_ms")
+        if not self.partition_by:
+            raise ValueError('sink.partition_by needs at least one folder level, e.g. '
+                             '["partition"]')
+        if len(set(self.partition_by)) != len(self.partition_by):
+            raise ValueError("sink.partition_by names a field twice")
+        return self
+
+
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
     "captionflow_config_file", default=None)
 
@@ -492,6 +548,7 @@ class Settings(BaseSettings):
     serving: ServingSettings = ServingSettings()
     worker: WorkerSettings = WorkerSettings()
     metrics: MetricsSettings = MetricsSettings()
+    sink: SinkSettings = SinkSettings()
 
     @classmethod
     def settings_customise_sources(

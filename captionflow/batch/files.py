@@ -13,7 +13,9 @@ from typing import Any, Literal
 
 import orjson
 
+from captionflow.batch.remote import read_remote, remote_url, write_remote
 from captionflow.batch.tabular import decode_csv, decode_parquet, encode_csv, encode_parquet
+from captionflow.config import VideoSettings
 from captionflow.errors import ConfigError, ErrorCode, SchemaInvalidError
 
 CacheType = Literal["json", "jsonl", "csv", "parquet"]
@@ -53,17 +55,26 @@ def step_path(cache_path: str | Path, prefix: str, step: int, cache_type: str) -
     return Path(cache_path) / f"{prefix}_step{step}.{check_cache_type(cache_type)}"
 
 
-def read_rows(path: str | Path) -> list[Any]:
+def read_rows(path: str | Path, *, video: VideoSettings | None = None) -> list[Any]:
     """Every row of a DataFlow file, in order. A JSON file holds a list of rows (a single
     object counts as one row); a JSONL file one row per non-blank line, where a line that is
     not JSON becomes an :class:`UnparsableLine`; a CSV or parquet file one row per record
-    (see :mod:`captionflow.batch.tabular`). Raises ConfigError when the file cannot be read
-    and SchemaInvalidError when it is not of its type at all."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"cannot read the input file {path}: {e.strerror or e}") from e
+    (see :mod:`captionflow.batch.tabular`). ``path`` may be ``s3://bucket/key`` (read with
+    ``video``'s S3 settings). Raises ConfigError when the file cannot be read and
+    SchemaInvalidError when it is not of its type at all."""
+    url = remote_url(path)
+    if url is not None:
+        remote = read_remote(url, video)
+        if remote is None:
+            raise ConfigError(f"cannot read {url}: no such object")
+        data = remote
+        path = Path(url.rsplit("/", 1)[-1])
+    else:
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise ConfigError(f"cannot read the input file {path}: {e.strerror or e}") from e
     kind = cache_type_of(path)
     if kind == "csv":
         return decode_csv(data, str(path))
@@ -99,9 +110,15 @@ def encode_rows(rows: list[Any], cache_type: CacheType) -> bytes:
     return orjson.dumps(rows, option=orjson.OPT_INDENT_2) + b"\n"
 
 
-def write_rows(path: str | Path, rows: list[Any], cache_type: CacheType) -> Path:
-    """Replace ``path`` with ``rows`` in one rename, so an interrupted run leaves either the
-    previous checkpoint or the new one, never half a file."""
+def write_rows(path: str | Path, rows: list[Any], cache_type: CacheType, *,
+               video: VideoSettings | None = None) -> Path | str:
+    """Replace ``path`` with ``rows`` in one rename (in S3: one completed upload), so an
+    interrupted run leaves either the previous checkpoint or the new one, never half a
+    file. Returns the path, or the ``s3://`` URL."""
+    url = remote_url(path)
+    if url is not None:
+        write_remote(url, encode_rows(rows, cache_type), video)
+        return url
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -8,9 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from captionflow.batch.files import CacheType, read_rows, write_rows
+from captionflow.batch.remote import read_remote, remote_url
 from captionflow.batch.rows import RowKeys
 from captionflow.batch.runner import BatchReport, OnRow, caption_rows
-from captionflow.config import Settings
+from captionflow.config import Settings, VideoSettings
 from captionflow.errors import CaptionflowError
 from captionflow.serving.base import CaptionBackend
 
@@ -27,13 +28,17 @@ def batch_video_settings(settings: Settings) -> Settings:
     return settings.model_copy(update={"video": video})
 
 
-def previous_output(output_path: Path) -> list | None:
-    """The rows an earlier run left in ``output_path``; None (and a warning) when there are
-    none or the file cannot be read, so the run starts from scratch."""
-    if not output_path.is_file():
+def previous_output(output_path: Path, video: VideoSettings | None = None) -> list | None:
+    """The rows an earlier run left in ``output_path`` (a file or an ``s3://`` object); None
+    (and a warning) when there are none or they cannot be read, so the run starts from
+    scratch."""
+    url = remote_url(output_path)
+    if url is None and not output_path.is_file():
         return None
     try:
-        return read_rows(output_path)
+        if url is not None and read_remote(url, video) is None:
+            return None
+        return read_rows(output_path, video=video)
     except CaptionflowError as e:
         log.warning("not resuming from %s: %s", output_path, e.message)
         return None
@@ -46,14 +51,14 @@ async def run_file(input_path: str | Path, output_path: str | Path, *, cache_typ
                    on_total: Callable[[int], None] | None = None,
                    checkpoint_interval_s: float = 5.0) -> BatchReport:
     """Caption every row of ``input_path`` into ``output_path`` (rows in input order)."""
-    rows = read_rows(input_path)
+    rows = read_rows(input_path, video=settings.video)
     if on_total:
         on_total(len(rows))
     output_path = Path(output_path)
-    previous = previous_output(output_path) if resume else None
+    previous = previous_output(output_path, settings.video) if resume else None
     _, report = await caption_rows(
         rows, settings=batch_video_settings(settings), backend=backend, keys=keys,
         previous=previous, concurrency=concurrency, on_row=on_row,
-        checkpoint=lambda out: write_rows(output_path, out, cache_type),
+        checkpoint=lambda out: write_rows(output_path, out, cache_type, video=settings.video),
         checkpoint_interval_s=checkpoint_interval_s)
     return report

@@ -1,5 +1,8 @@
 """DataFlow's ``FileStorage``: step 0 reads the first entry file, step N reads the cache
-file of step N and writes that of step N+1 (``{cache_path}/{prefix}_step{N}.{ext}``)."""
+file of step N and writes that of step N+1 (``{cache_path}/{prefix}_step{N}.{ext}``). The
+cache path (and the first entry file) may be ``s3://bucket/prefix``: the files are then
+objects, written whole (:mod:`captionflow.batch.remote`) with the S3 settings of the
+environment (``CAPTIONFLOW_VIDEO__S3_*``, ``AWS_*``)."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from captionflow.batch.files import check_cache_type, read_rows, step_path, write_rows
+from captionflow.batch.remote import remote_url
 from captionflow.errors import ConfigError
 
 
@@ -30,20 +34,22 @@ class FileStorage:
         self.operator_step = -1
         return self
 
-    def _file_of(self, step: int) -> Path:
+    def _file_of(self, step: int) -> Path | str:
+        """The step's file: a path, or an ``s3://`` URL when the cache path is one."""
         if step < 0:
             raise ConfigError("FileStorage has no current step: pass storage.step() to the "
                               "operator, not the storage itself")
         if step == 0:
-            return Path(self.first_entry_file_name)
-        return step_path(self.cache_path, self.file_name_prefix, step, self.cache_type)
+            return remote_url(self.first_entry_file_name) or Path(self.first_entry_file_name)
+        path = step_path(self.cache_path, self.file_name_prefix, step, self.cache_type)
+        return remote_url(path) or path
 
     @property
-    def read_path(self) -> Path:
+    def read_path(self) -> Path | str:
         return self._file_of(self.operator_step)
 
     @property
-    def write_path(self) -> Path:
+    def write_path(self) -> Path | str:
         return self._file_of(self.operator_step + 1)
 
     def read(self, output_type: Literal["dict", "dataframe"] = "dict") -> Any:
