@@ -481,8 +481,9 @@ class SinkSettings(_Section):
 
     # A local directory, or s3://bucket/prefix/ (the AWS chain, as for video reads).
     to: str | None = None
-    group_id: str = "captionflow-sink"
-    format: Literal["parquet", "jsonl", "jsonl.gz"] = "parquet"
+    group_id: str = Field("captionflow-sink", description="Kafka consumer group of the sinks.")
+    format: Literal["parquet", "jsonl", "jsonl.gz"] = Field(
+        "parquet", description="File format of the dataset.")
     # Hive-style folders, outermost first: "partition" (the Kafka partition), "date" (the
     # UTC date of the event's created_at), or any top-level field of the event.
     partition_by: tuple[str, ...] = ("partition",)
@@ -490,29 +491,38 @@ class SinkSettings(_Section):
     flush_records: int = Field(10_000, ge=1)
     # Bytes of the records as consumed (JSON), not of the file written.
     flush_bytes: int = Field(32 * 1024**2, ge=1)
-    flush_interval_s: float = Field(60.0, gt=0)
+    flush_interval_s: float = Field(60.0, gt=0,
+        description="A partition's buffered records become files at least this often.")
     # Also sink topics.dead_letter, into a dataset of its own.
     dead_letter: bool = False
-    parquet_compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+    parquet_compression: Literal["zstd", "snappy", "gzip", "none"] = Field(
+        "zstd", description="Parquet compression codec.")
     # Files above this size go up as a multipart upload in parts of this size (S3 wants
     # at least 5 MiB per part but the last); smaller ones in one PUT.
     s3_part_bytes: int = Field(8 * 1024**2, ge=1)
     # Overrides video.s3_endpoint_url for the dataset (videos and dataset in two stores).
     s3_endpoint_url: str | None = None
-    poll_timeout_ms: int = Field(500, ge=1)
-    max_poll_records: int = Field(2_000, ge=1)
-    session_timeout_ms: int = Field(10_000, gt=0)
-    heartbeat_interval_ms: int = Field(3_000, gt=0)
-    commit_timeout_ms: int = Field(10_000, gt=0)
+    poll_timeout_ms: int = Field(500, ge=1,
+        description="Longest one poll of the broker waits for records.")
+    max_poll_records: int = Field(2_000, ge=1, description="Most records one poll returns.")
+    session_timeout_ms: int = Field(10_000, gt=0,
+        description="Consumer-group session timeout of the sink.")
+    heartbeat_interval_ms: int = Field(3_000, gt=0,
+        description="Consumer-group heartbeat interval of the sink.")
+    commit_timeout_ms: int = Field(10_000, gt=0,
+        description="Longest one offset commit may take before it counts as failed.")
     # A failed write or commit is retried with capped exponential backoff and jitter,
     # while the partition stays paused and /readyz answers 503.
     retry_backoff_initial_ms: int = Field(500, gt=0)
-    retry_backoff_max_ms: int = Field(15_000, gt=0)
-    probe_interval_s: float = Field(5.0, gt=0)
-    probe_timeout_s: float = Field(5.0, gt=0)
+    retry_backoff_max_ms: int = Field(15_000, gt=0,
+        description="Cap of the backoff between retries of a failed write or commit.")
+    probe_interval_s: float = Field(5.0, gt=0,
+        description="How often the store and the broker are probed for /readyz.")
+    probe_timeout_s: float = Field(5.0, gt=0, description="Longest one probe may take.")
     # SIGTERM: flush what is buffered and commit it within this many seconds.
     shutdown_grace_s: float = Field(25.0, gt=0)
-    liveness_timeout_s: float = Field(120.0, gt=0)
+    liveness_timeout_s: float = Field(120.0, gt=0,
+        description="/healthz fails when the sink loop made no progress for this long.")
     # Its own port, so that a worker and a sink can run on one host.
     metrics_port: int = Field(9410, ge=0, le=65535)
 
