@@ -7,6 +7,9 @@ import os
 for _name, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"),
                       ("VLLM_NO_USAGE_STATS", "1"), ("DO_NOT_TRACK", "1")):
     os.environ.setdefault(_name, _value)
+# The caption cache (on by default, under ~/.cache) would carry captions from one test or
+# session to the next: tests that use it turn it on with their own store.
+os.environ.setdefault("CAPTIONFLOW_CACHE__ENABLED", "false")
 
 pytest_plugins = [
     name for name in (
