@@ -79,6 +79,7 @@ class OpenAIStandIn:
         self.engine = engine
         self.model = model
         self.requests: list[str] = []
+        self.delay_s = 0.0  # added before each answer, to pace a test
         self.port = 0
         self._server: Any = None
         self._task: asyncio.Task[None] | None = None
@@ -105,6 +106,8 @@ class OpenAIStandIn:
             rid = request.headers.get("x-request-id", "")
             self.requests.append(rid)
             result = await self.engine.caption(request_from_body(rid, body))
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
             return JSONResponse({
                 "id": rid, "object": "chat.completion", "model": self.model,
                 "choices": [{"index": 0, "finish_reason": result.finish_reason,
