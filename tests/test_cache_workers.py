@@ -83,7 +83,7 @@ async def test_a_long_video_killed_after_six_windows_resumes_on_the_next_worker_
                                                "served_model_name": "tiny"})
     settings = worker_settings(kafka, topics, group_id, serving, (tmp_path,), **{
         "video.s3_endpoint_url": s3_server.endpoint_url, "video.s3_addressing_style": "path",
-        "video.window_s": 2.0, "video.fps": 1.0, "video.windows_in_flight": 2})
+        "video.window_s": 2.0, "video.fps": 1.0, "video.windows_in_flight": 1})
     settings = settings.model_copy(update={"cache": Settings(cache={
         "enabled": True, "store": f"s3://{bucket}/{prefix}"}).cache})
     config = tmp_path / "worker.json"
