@@ -9,7 +9,8 @@ after a crash). Each run caption its backlog through ``caption_event`` with the 
 frame source, ``--in-flight`` events at a time, in backlog order; the run without the cache
 and the run with a fresh file store each get their own clips (other seeds), so neither
 finds the other's frames in vLLM's own multimodal cache. Printed: engine requests, wall
-time and the cache's counts for each run, then the content validator's cost (sha256 of the
+time and the cache's counts for each run (``--rounds``, the order alternating, each round
+with fresh clips), then the content validator's cost (sha256 of the
 whole file) against decoding, in CPU-ms per clip, measured in this process with the engine
 idle, for the backlog's clips and for one 10 s 720p clip.
 """
@@ -107,28 +108,38 @@ async def main_async(args: argparse.Namespace) -> None:
                                "max_pixels": 112 * 84},
                         cache={"enabled": True, "store": str(work / "cache")})
     load_before = os.getloadavg()[0]
-    t0 = time.perf_counter()
-    plain, _ = backlog(work, args.events, seed=1)
-    cached, clips = backlog(work, args.events, seed=2)
-    print(f"backlog: {len(plain)} events, {len({e.id for e in plain})} ids, "
-          f"{len(clips)} distinct clips (made in {time.perf_counter() - t0:.0f} s)")
     backend = VllmBackend(settings.serving, settings.video)
     await backend.start()
+    off_runs, on_runs = [], []
     try:
         warm, _ = backlog(work / "warm", 8, seed=3)
         await run(settings, backend, warm, None, args.in_flight)
-        off_s, off_requests = await run(settings, backend, plain, None, args.in_flight)
-        print(f"without cache: {off_requests} engine requests, {off_s:.1f} s wall")
-        cache = open_cache(settings, model=model)
-        assert cache is not None
-        on_s, on_requests = await run(settings, backend, cached, cache, args.in_flight)
-        print(f"with cache:    {on_requests} engine requests, {on_s:.1f} s wall; "
-              f"lookups {dict(cache.stats)}; engine time saved "
-              f"{cache.saved_engine_s:.1f} s; tokens saved {dict(cache.saved_tokens)}")
-        print(f"ratio with/without: requests {on_requests / off_requests:.2f}, "
-              f"wall {on_s / off_s:.2f}")
+        for r in range(args.rounds):
+            t0 = time.perf_counter()
+            plain, _ = backlog(work, args.events, seed=10 + 2 * r)
+            cached, clips = backlog(work, args.events, seed=11 + 2 * r)
+            if r == 0:
+                print(f"backlog: {len(plain)} events, {len({e.id for e in plain})} ids, "
+                      f"{len(clips)} distinct clips (made in {time.perf_counter() - t0:.0f} s)")
+            cache = open_cache(settings.model_copy(update={"cache": settings.cache.model_copy(
+                update={"store": str(work / f"cache{r}")})}), model=model)
+            assert cache is not None
+            sides = [("without", None, plain, off_runs), ("with", cache, cached, on_runs)]
+            for name, c, events, out in sides if r % 2 == 0 else sides[::-1]:
+                wall, requests = await run(settings, backend, events, c, args.in_flight)
+                out.append((wall, requests))
+                extra = "" if c is None else (
+                    f"; lookups {dict(c.stats)}; engine time saved {c.saved_engine_s:.1f} s "
+                    f"(summed request latencies); tokens saved {dict(c.saved_tokens)}")
+                print(f"round {r}, {name} cache: {requests} engine requests, {wall:.1f} s "
+                      f"wall{extra}")
     finally:
         await backend.close()
+    off_s = statistics.median(w for w, _ in off_runs)
+    on_s = statistics.median(w for w, _ in on_runs)
+    print(f"median of {args.rounds} rounds: requests {on_runs[0][1]} vs {off_runs[0][1]} "
+          f"(ratio {on_runs[0][1] / off_runs[0][1]:.2f}), wall {on_s:.1f} vs {off_s:.1f} s "
+          f"(ratio {on_s / off_s:.2f})")
     sample = clips[:args.cost_clips]
     big = make_video(work / "big.mp4", 7, frames=300, fps=30, width=1280, height=720)
     for name, files, video in (
@@ -151,7 +162,9 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model folder (default: tiny model)")
     parser.add_argument("--events", type=int, default=1000)
     parser.add_argument("--in-flight", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="rounds, each with fresh clips, the two sides in alternating order")
     parser.add_argument("--cost-clips", type=int, default=20)
     asyncio.run(main_async(parser.parse_args()))
 

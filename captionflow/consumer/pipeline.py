@@ -137,15 +137,16 @@ class RecordPipeline:
         video_info = _video_info(result.clips)
         if video_info.bytes_read is not None:
             m.video_bytes_read.observe(video_info.bytes_read)
+        made = result.engine_made()  # cache hits spent no tokens here (see cache metrics)
         usage = TokenUsage(prompt_tokens=result.prompt_tokens,
                            completion_tokens=result.completion_tokens)
-        made = result.engine_made()  # cache hits spent no tokens here (see cache metrics)
         m.tokens.labels("prompt").inc(sum(r.prompt_tokens for c in made for r in c.results))
         m.tokens.labels("completion").inc(
             sum(r.completion_tokens for c in made for r in c.results))
         queue_ms = max(r.queue_ms for r in result.results)
         inference_ms = max(r.inference_ms for r in result.results) or result.caption_s * 1000
-        m.stage_seconds.labels("inference").observe(inference_ms / 1000)
+        if made:  # an event served wholly by the cache spent no engine time
+            m.stage_seconds.labels("inference").observe(inference_ms / 1000)
         for generated in made:
             m.captions.labels(generated.status).inc()
             for status in generated.regenerated_for:

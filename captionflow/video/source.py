@@ -251,7 +251,10 @@ class VideoClips:
             strides=(0, 0, 0, 0), writeable=False)
         clip = self._bytes.tag(_clip(self._index, plan, empty, DecodeStats()), DecodeStats())
         clip.extra["fetch_s"] = self.fetch_s
-        clip.extra["cached"] = True
+        clip.extra["cached"] = True  # not decoded: no decode device, no decode stats
+        for name in ("decode_device", "device_fallback", "seeks", "packets_decoded",
+                     "frames_decoded", "decode_errors", "linear_fallback"):
+            clip.extra.pop(name, None)
         return clip
 
     async def aclose(self) -> None:
