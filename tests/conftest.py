@@ -1,15 +1,21 @@
 """Shared fixtures. Each capability keeps its fixtures in tests/support/*_fixtures.py."""
 
+import atexit
 import importlib.util
 import os
+import shutil
+import tempfile
 
 # Nothing in the suite may reach a model hub or report usage: everything is built locally.
 for _name, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"),
                       ("VLLM_NO_USAGE_STATS", "1"), ("DO_NOT_TRACK", "1")):
     os.environ.setdefault(_name, _value)
 # The caption cache (on by default, under ~/.cache) would carry captions from one test or
-# session to the next: tests that use it turn it on with their own store.
+# session to the next: tests that use it turn it on with their own store. Subprocesses that
+# run as a user who set nothing (no CAPTIONFLOW_*) get this session's own cache directory.
 os.environ.setdefault("CAPTIONFLOW_CACHE__ENABLED", "false")
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="captionflow-test-xdg-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 pytest_plugins = [
     name for name in (
