@@ -6,6 +6,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 # Nothing in the suite may reach a model hub or report usage: everything is built locally.
 for _name, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"),
                       ("VLLM_NO_USAGE_STATS", "1"), ("DO_NOT_TRACK", "1")):
@@ -26,3 +28,10 @@ pytest_plugins = [
         "tests.support.s3_fixtures",
     ) if importlib.util.find_spec(name) is not None
 ]
+
+
+@pytest.fixture(autouse=True)
+def _own_xdg_cache(tmp_path_factory: pytest.TempPathFactory,
+                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's subprocesses find an empty default caption cache, as a first run does."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
