@@ -25,8 +25,8 @@ from captionflow.errors import (
     InvalidRequestError,
 )
 from captionflow.cache import CaptionCache
-from captionflow.cache.through import through_cache
 from captionflow.cache.event_keys import EventKeys
+from captionflow.cache.through import through_cache
 from captionflow.caption_result import (
     Caption,
     EventCaption,
