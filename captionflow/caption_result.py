@@ -4,11 +4,12 @@ Shared by the worker's caption events and batch mode's rows."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 from captionflow.quality import CaptionStatus, worst
-from captionflow.schemas.events import TokenUsage, WindowCaption
+from captionflow.schemas.events import CacheInfo, TokenUsage, WindowCaption
 from captionflow.serving.base import CaptionResult
 from captionflow.video.clip import Clip
 
@@ -28,6 +29,10 @@ class Caption:
     results: tuple[CaptionResult, ...] = ()
     statuses: tuple[CaptionStatus, ...] = ()
     parsed: Any = None
+    # The caption cache's key for this caption, when it was looked up; ``hit``: it came
+    # from the cache, and ``results`` replay the stored generations' usage (no engine work).
+    key: str | None = None
+    hit: bool = False
 
     @property
     def generations(self) -> int:
@@ -86,6 +91,28 @@ class EventCaption:
     def results(self) -> list[CaptionResult]:
         return [r for c in self.generated() for r in c.results]
 
+    def engine_made(self) -> list[Caption]:
+        """The captions the engine made for this event (cache hits left out)."""
+        return [c for c in self.generated() if not c.hit]
+
+    @property
+    def frames_decoded(self) -> int:
+        """Frames decoded for this event (windows served from the cache were not)."""
+        return sum(c.num_frames for c in self.clips if not c.extra.get("cached"))
+
+    def cache_info(self) -> CacheInfo | None:
+        looked_up = [c for c in self.generated() if c.key is not None]
+        if not looked_up:
+            return None
+        if self.windowed and not self.summarized:
+            keys = [c.key or "" for w in self.windows for c in w.values()]
+            key = hashlib.sha256(",".join(keys).encode()).hexdigest()
+        else:
+            key = self.first.key or ""
+        hits = sum(c.hit for c in looked_up)
+        return CacheInfo(hit=hits == len(self.generated()), key=key, hits=hits,
+                         lookups=len(looked_up))
+
     @property
     def prompt_tokens(self) -> int:
         return sum(r.prompt_tokens for r in self.results)
@@ -116,7 +143,9 @@ class EventCaption:
                                                        for r in first.results)),
                 status=first.status, generations=first.generations,
                 captions={n: c.text for n, c in by_name.items()} if self.named else None,
-                caption_json=first.parsed))
+                caption_json=first.parsed,
+                cache_hit=all(c.hit for c in by_name.values())
+                if first.key is not None else None))
         return out
 
     def quality_fields(self) -> dict[str, Any]:
@@ -129,6 +158,7 @@ class EventCaption:
             if self.named else None,
             "caption_json": self.first.parsed,
             "summarized": self.summarized,
+            "cache": self.cache_info(),
         }
 
 

@@ -30,6 +30,9 @@ from captionflow.event_limits import (
     check_schema_size,
     clamp_sampling,
 )
+from captionflow.cache import CaptionCache
+from captionflow.cache.event_keys import EventKeys
+from captionflow.cache.through import through_cache
 from captionflow.caption_result import (
     Caption,
     EventCaption,
@@ -238,7 +241,8 @@ async def gated_caption(tag: str, make: Callable[[str, Mapping[str, Any]], Capti
 
 
 async def caption_event(event: VideoEvent, *, clips: ClipsFn, caption: CaptionFn,
-                        settings: Settings, attempts: Attempts) -> EventCaption:
+                        settings: Settings, attempts: Attempts,
+                        cache: CaptionCache | None = None) -> EventCaption:
     """Raises ``EventError`` subclasses for this event alone and ``FatalError`` when the
     backend is gone; ``attempts.count`` tells how many attempts were made either way.
 
@@ -250,7 +254,14 @@ async def caption_event(event: VideoEvent, *, clips: ClipsFn, caption: CaptionFn
 
     Each clip is decoded once and asked every prompt at once (the engine shares the video
     between those requests); each caption goes through the quality gate. A windowed video
-    with ``summarize`` gets one more text-only request per prompt."""
+    with ``summarize`` gets one more text-only request per prompt.
+
+    With a ``cache``, every window's and summary's captions are looked up first (keys:
+    ``captionflow/cache/key.py``): a window whose captions are all cached is not decoded,
+    and only the missing captions reach the engine, so a redelivered long video resumes at
+    its first missing window. The stream must tell its clips apart before decoding them
+    (``content_validator``, ``clip_identity``, ``planned_clip``); a plain list of clips is
+    captioned without the cache."""
     options = event.options
     overrides = options.frame_overrides() if options else {}
     prompts, named = event_prompts(event, settings)
@@ -263,6 +274,10 @@ async def caption_event(event: VideoEvent, *, clips: ClipsFn, caption: CaptionFn
         if isinstance(opened, list) else opened
     sampling = clamp_sampling(options.sampling.model_dump(exclude_none=True)
                               if options and options.sampling else {}, settings.serving)
+    keys = EventKeys.make(cache, stream, settings, event=event, sampling=sampling,
+                          schema=schema, images=images)
+    if keys.content is not None:
+        keys.content = await stream.content_validator()  # type: ignore[attr-defined]
     count = stream.count
     summarize = options.summarize if options and options.summarize is not None \
         else settings.serving.summarize_windows
@@ -280,23 +295,29 @@ async def caption_event(event: VideoEvent, *, clips: ClipsFn, caption: CaptionFn
     gate = asyncio.Semaphore(settings.video.windows_in_flight)
     caption_spans: list[tuple[float, float]] = []
 
-    async def all_prompts(tag: str, ask: Callable[[str, str, str], Awaitable[Caption]]
-                          ) -> dict[str, Caption]:
-        if len(prompts) == 1:
-            name, text = next(iter(prompts.items()))
-            return {name: await ask(f"{tag}#p0", name, text)}
+    async def all_prompts(tag: str, ask: Callable[[str, str, str], Awaitable[Caption]],
+                          names: list[str]) -> dict[str, Caption]:
+        order = list(prompts)
+        if len(names) == 1:
+            name = names[0]
+            return {name: await ask(f"{tag}#p{order.index(name)}", name, prompts[name])}
         tasks = {}
         try:
             async with asyncio.TaskGroup() as group:
-                for k, (name, text) in enumerate(prompts.items()):
-                    tasks[name] = group.create_task(ask(f"{tag}#p{k}", name, text))
+                for name in names:
+                    tasks[name] = group.create_task(
+                        ask(f"{tag}#p{order.index(name)}", name, prompts[name]))
         except BaseExceptionGroup as eg:
             raise _first_error(eg) from None
         return {name: task.result() for name, task in tasks.items()}
 
     async def window(i: int) -> None:
         async with gate:
-            clip = await attempts.run(lambda: stream.clip(i))
+            clip: Clip | None = None
+
+            async def decode() -> None:
+                nonlocal clip
+                clip = await attempts.run(lambda: stream.clip(i))
 
             async def ask(tag: str, name: str, prompt: str) -> Caption:
                 return await gated_caption(
@@ -305,8 +326,14 @@ async def caption_event(event: VideoEvent, *, clips: ClipsFn, caption: CaptionFn
                     attempts=attempts, budget=budget)
 
             asked = time.monotonic()
-            captions[i] = await all_prompts(f"{event.id}#w{clip.window_index or 0}", ask)
+            by_name = await through_cache(
+                keys.cache, keys.clip(stream, i, prompts),
+                lambda names: all_prompts(f"{event.id}#w{_window_tag(stream, i, clip)}", ask,
+                                          names), before_make=decode)
+            captions[i] = by_name
             caption_spans.append((asked, time.monotonic()))
+            if clip is None:
+                clip = stream.planned_clip(i)  # type: ignore[attr-defined]
             got[i] = clip.without_frames() if count > 1 else clip
 
     try:
@@ -328,16 +355,20 @@ async def caption_event(event: VideoEvent, *, clips: ClipsFn, caption: CaptionFn
     if not windowed:
         event_captions = windows[0]
     elif summarized:
+        texts = {name: summary_prompt(settings.serving.summary_prompt, prompt, done_clips,
+                                      [w[name] for w in windows])
+                 for name, prompt in prompts.items()}
+
         async def ask_summary(tag: str, name: str, prompt: str) -> Caption:
-            text = summary_prompt(settings.serving.summary_prompt, prompt, done_clips,
-                                  [w[name] for w in windows])
             return await gated_caption(
-                tag, lambda rid, s: CaptionRequest(rid, None, text, s, (), schema),
+                tag, lambda rid, s: CaptionRequest(rid, None, texts[name], s, (), schema),
                 sampling=sampling, schema=schema, caption=caption, settings=settings,
                 attempts=attempts, budget=budget)
 
         asked = time.monotonic()
-        event_captions = await all_prompts(f"{event.id}#summary", ask_summary)
+        event_captions = await through_cache(
+            keys.cache, keys.summary(texts),
+            lambda names: all_prompts(f"{event.id}#summary", ask_summary, names))
         caption_spans.append((asked, time.monotonic()))
     else:
         event_captions = {name: joined(done_clips, [w[name] for w in windows])
@@ -346,6 +377,13 @@ async def caption_event(event: VideoEvent, *, clips: ClipsFn, caption: CaptionFn
     return EventCaption(prompts=prompts, named=named, captions=event_captions, windows=windows,
                         summarized=summarized, clips=done_clips,
                         fetch_decode_s=images_s + stream.fetch_decode_s, caption_s=caption_s)
+
+
+def _window_tag(stream: ClipStream, i: int, clip: Clip | None) -> int:
+    if clip is not None:
+        return clip.window_index or 0
+    identity = getattr(stream, "clip_identity", None)
+    return (identity(i)["window"] or 0) if identity is not None else i
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:

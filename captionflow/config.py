@@ -358,6 +358,10 @@ class ServingSettings(_Section):
     # guards (allowed roots and networks, size and time limits) and its sampling.
     openai_video_transport: Literal["frames"] = Field(
         "frames", description="How the openai backend sends a clip: its sampled frames, inline.")
+    # Captions sampled with temperature > 0 and no seed are cached too (a caption is a
+    # caption); false makes such requests bypass the caption cache.
+    cache_sampled: bool = Field(
+        True, description="Cache captions sampled with temperature > 0 and no seed too.")
 
     @model_validator(mode="after")
     def _event_ceilings(self) -> ServingSettings:
@@ -466,6 +470,34 @@ class WorkerSettings(_Section):
         return self
 
 
+class CacheSettings(_Section):
+    """The caption cache (docs/captions.md): captions keyed by what was asked, shared by
+    every driver (worker, ``captionflow run``, the DataFlow API) that points at one store."""
+
+    enabled: bool = Field(True, description="Look captions up in the cache and store new ones.")
+    # "file:///dir" or a plain path (one machine), "s3://bucket/prefix/" (a fleet); empty:
+    # a directory under the user's cache dir (XDG_CACHE_HOME, else ~/.cache).
+    store: str = ""
+    # Bound on one lookup or one write; past it the caption is made as if uncached.
+    timeout_ms: int = Field(2_000, gt=0)
+    # After a store error, lookups and writes skip the store this long (an outage costs
+    # each caption nothing, not timeout_ms).
+    retry_after_ms: int = Field(5_000, ge=0)
+    # Named in every key, so captions of another checkpoint under the same name never hit;
+    # unset: a fingerprint of a local model directory (config and weight file sizes), or
+    # the model name alone for a hub id (set this to its commit for a hub model).
+    model_revision: str | None = None
+
+    @field_validator("store")
+    @classmethod
+    def _store_scheme(cls, value: str) -> str:
+        scheme = value.split("://", 1)[0].lower() if "://" in value else "file"
+        if scheme not in ("file", "s3"):
+            raise ValueError(f"cache.store scheme {scheme!r} is not one of file, s3 "
+                             "(write file:///dir, a path, or s3://bucket/prefix/)")
+        return value
+
+
 class MetricsSettings(_Section):
     enabled: bool = Field(
         True, description="Serve /metrics, /healthz and /readyz.")
@@ -558,6 +590,7 @@ class Settings(BaseSettings):
     serving: ServingSettings = ServingSettings()
     worker: WorkerSettings = WorkerSettings()
     metrics: MetricsSettings = MetricsSettings()
+    cache: CacheSettings = CacheSettings()
     sink: SinkSettings = SinkSettings()
 
     @classmethod

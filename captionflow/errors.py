@@ -53,6 +53,8 @@ class ErrorCode(StrEnum):
     ENGINE_STALLED = "engine_stalled"
     # Object storage
     STORE_UNAVAILABLE = "store_unavailable"
+    # Caption cache (never ends a record: the caption is made without the cache)
+    CACHE_UNAVAILABLE = "cache_unavailable"
     # Publishing and everything else
     OUTPUT_TOO_LARGE = "output_too_large"
     PUBLISH_FAILED = "publish_failed"
@@ -79,6 +81,7 @@ class Dependency(StrEnum):
     ENGINE = "engine"
     BROKER = "broker"
     OBJECT_STORE = "object_store"
+    CACHE = "cache"
 
 
 class CaptionflowError(Exception):
@@ -188,6 +191,14 @@ class ObjectStoreUnavailableError(DependencyError):
 
     code = ErrorCode.STORE_UNAVAILABLE
     dependency = Dependency.OBJECT_STORE
+
+
+class CacheUnavailableError(DependencyError):
+    """The caption cache's store does not answer in ``cache.timeout_ms`` or fails. Only
+    the cache sees it: the caption is made without the cache, and the error is counted."""
+
+    code = ErrorCode.CACHE_UNAVAILABLE
+    dependency = Dependency.CACHE
 
 
 # --- per-event errors: they fail one event, which becomes a dead-letter event -------------

@@ -82,6 +82,23 @@ class Metrics:
             "captionflow_caption_regenerations_total",
             "Extra engine requests made by the quality gate, by the status that caused them.",
             ["status"], registry=r)
+        self.cache_lookups = Counter(
+            "captionflow_cache_lookups_total",
+            "Caption cache lookups, one per window, prompt and summary, by result: hit, miss, "
+            "error (the store failed or was late: captioned without it), bypass "
+            "(options.cache false, or serving.cache_sampled false for a sampled request).",
+            ["result"], registry=r)
+        self.cache_writes = Counter(
+            "captionflow_cache_writes_total", "Caption cache writes, by result (ok, error).",
+            ["result"], registry=r)
+        self.cache_saved_engine_seconds = Counter(
+            "captionflow_cache_saved_engine_seconds_total",
+            "Engine time the cache hits saved (the stored generations' inference time).",
+            registry=r)
+        self.cache_saved_tokens = Counter(
+            "captionflow_cache_saved_tokens_total",
+            "Model tokens the cache hits saved, by kind (prompt, completion).", ["kind"],
+            registry=r)
         self.rebalances = Counter(
             "captionflow_rebalances_total", "Partition changes, by kind (assigned, revoked, lost).",
             ["kind"], registry=r)
@@ -122,6 +139,11 @@ class Metrics:
             self.stage_seconds.labels(stage)
         for kind in ("prompt", "completion"):
             self.tokens.labels(kind)
+            self.cache_saved_tokens.labels(kind)
+        for result in ("hit", "miss", "error", "bypass"):
+            self.cache_lookups.labels(result)
+        for result in ("ok", "error"):
+            self.cache_writes.labels(result)
         for status in STATUSES:
             self.captions.labels(status)
         for status in sorted(REGENERATE):

@@ -2,13 +2,24 @@
 session-scoped ones (broker, engine, vllm serve, S3 server) are listed in
 tests/support/__init__.py: reuse them."""
 
+import atexit
 import importlib.util
 import os
+import shutil
+import tempfile
+
+import pytest
 
 # Nothing in the suite may reach a model hub or report usage: everything is built locally.
 for _name, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"),
                       ("VLLM_NO_USAGE_STATS", "1"), ("DO_NOT_TRACK", "1")):
     os.environ.setdefault(_name, _value)
+# The caption cache (on by default, under ~/.cache) would carry captions from one test or
+# session to the next: tests that use it turn it on with their own store. Subprocesses that
+# run as a user who set nothing (no CAPTIONFLOW_*) get this session's own cache directory.
+os.environ.setdefault("CAPTIONFLOW_CACHE__ENABLED", "false")
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="captionflow-test-xdg-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 pytest_plugins = [
     name for name in (
@@ -20,3 +31,10 @@ pytest_plugins = [
         "tests.support.vllm_server",
     ) if importlib.util.find_spec(name) is not None
 ]
+
+
+@pytest.fixture(autouse=True)
+def _own_xdg_cache(tmp_path_factory: pytest.TempPathFactory,
+                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's subprocesses find an empty default caption cache, as a first run does."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))

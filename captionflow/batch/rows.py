@@ -93,8 +93,10 @@ def already_captioned(rows: list[Any], previous: list[Any], keys: RowKeys) -> di
     """Input row index -> the earlier output row that already holds its caption.
 
     A row with an ``id`` matches the earlier row with the same id; other rows match the row
-    at the same position. Either way the video must be the same and the earlier row must
-    hold a caption and no error, so failed or unfinished rows run again.
+    at the same position. Either way the video and the options (prompts, sampling...) must
+    be the same and the earlier row must hold a caption and no error, so failed or
+    unfinished rows run again, and so do rows asked something new (the caption cache then
+    spares the requests an earlier run already made).
     """
     by_id = {}
     for prev in previous:
@@ -109,7 +111,8 @@ def already_captioned(rows: list[Any], previous: list[Any], keys: RowKeys) -> di
         prev = by_id.get(rid) if rid is not None else (
             previous[i] if i < len(previous) else None)
         if prev is not None and is_captioned(prev, keys) and \
-                prev.get(keys.video) == row.get(keys.video):
+                prev.get(keys.video) == row.get(keys.video) and \
+                prev.get("options") == row.get("options"):
             done[i] = prev
     return done
 

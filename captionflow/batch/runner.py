@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from captionflow.batch.files import UnparsableLine
 from captionflow.batch.rows import (
@@ -28,6 +28,7 @@ from captionflow.batch.rows import (
     resumed_row,
     row_event,
 )
+from captionflow.cache import CaptionCache, open_cache
 from captionflow.captioning import Attempts, caption_event
 from captionflow.config import Settings
 from captionflow.errors import (
@@ -123,10 +124,14 @@ async def caption_rows(rows: list[Any], *, settings: Settings, backend: CaptionB
                        keys: RowKeys = RowKeys(), previous: list[Any] | None = None,
                        concurrency: int | None = None, on_row: OnRow | None = None,
                        checkpoint: Checkpoint | None = None,
-                       checkpoint_interval_s: float = 5.0) -> tuple[list[Any], BatchReport]:
+                       checkpoint_interval_s: float = 5.0,
+                       cache: CaptionCache | None | Literal["settings"] = "settings",
+                       ) -> tuple[list[Any], BatchReport]:
     """Output rows (input order, one per input row) and the report.
 
-    ``previous`` is an earlier output of the same input (resume). ``checkpoint`` receives
+    ``previous`` is an earlier output of the same input (resume). ``cache``: the caption
+    cache (default: from ``settings.cache``), so a rerun asks the engine only what no
+    earlier run (nor worker sharing the store) asked. ``checkpoint`` receives
     the output so far (unfinished rows as they came in) every ``checkpoint_interval_s`` and
     once at the end, also when a fatal error ends the run.
     """
@@ -140,6 +145,8 @@ async def caption_rows(rows: list[Any], *, settings: Settings, backend: CaptionB
         if on_row:
             on_row(i, SKIPPED)
     todo = iter([i for i in range(len(rows)) if i not in done])
+    if cache == "settings":
+        cache = open_cache(settings, model=str(backend.model_info().get("model", "")))
     lazy = _LazyBackend(backend, report,
                         request_timeout_s=settings.serving.request_timeout_s)
     last_write = time.monotonic()
@@ -163,7 +170,8 @@ async def caption_rows(rows: list[Any], *, settings: Settings, backend: CaptionB
             event = row_event(row, i, keys)
             result = await caption_event(event, clips=frames.open, caption=lazy.caption,
                                          settings=settings,
-                                         attempts=Attempts(settings.worker, label=f"row {i}"))
+                                         attempts=Attempts(settings.worker, label=f"row {i}"),
+                                         cache=cache)
         except FatalError:
             raise
         except Exception as e:
@@ -178,8 +186,11 @@ async def caption_rows(rows: list[Any], *, settings: Settings, backend: CaptionB
             report.failed[error.code.value] += 1
             return finish(i, FAILED)
         windows = result.window_captions()
+        fields = result.quality_fields()
+        if fields["cache"] is not None:
+            fields["cache"] = fields["cache"].model_dump(mode="json")
         out[i] = captioned_row(row, keys, prompt=result.prompt, caption=result.text, fields={
-            **result.quality_fields(),
+            **fields,
             "windows": [w.model_dump(mode="json") for w in windows] if windows else None})
         report.captioned += 1
         finish(i, CAPTIONED)

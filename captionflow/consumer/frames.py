@@ -47,5 +47,15 @@ class _TimedStream:
             self._metrics.decode_device_fallbacks.labels(clip.extra["device_fallback"]).inc()
         return clip
 
+    # The caption cache tells clips apart before decoding them (captioning.caption_event).
+    async def content_validator(self) -> str | None:
+        return await self._stream.content_validator()  # type: ignore[attr-defined]
+
+    def clip_identity(self, index: int) -> dict[str, Any]:
+        return self._stream.clip_identity(index)  # type: ignore[attr-defined]
+
+    def planned_clip(self, index: int) -> Clip:
+        return self._stream.planned_clip(index)  # type: ignore[attr-defined]
+
     async def aclose(self) -> None:
         await self._stream.aclose()

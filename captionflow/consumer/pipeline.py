@@ -12,9 +12,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from aiokafka.structs import ConsumerRecord
 
+from captionflow.cache import CaptionCache, open_cache
 from captionflow.captioning import Attempts, ClipsFn, EventCaption, caption_event
 from captionflow.config import Settings
 from captionflow.consumer.publish import fit_caption
@@ -58,8 +60,12 @@ class RecordPipeline:
                  caption: Callable[[CaptionRequest], Awaitable[CaptionResult]],
                  model_name: str, metrics: Metrics, worker_id: str,
                  on_dependency: Callable[[DependencyError], Awaitable[bool]] | None = None,
+                 cache: CaptionCache | None | Literal["settings"] = "settings",
                  ) -> None:
         self._s = settings
+        # The caption cache from settings.cache unless the caller hands one (or None).
+        self._cache = open_cache(settings, model=model_name, metrics=metrics) \
+            if cache == "settings" else cache
         self._on_dependency = on_dependency
         self._clips = clips
         self._caption = caption
@@ -79,7 +85,8 @@ class RecordPipeline:
             attempts = Attempts(self._s.worker, label=f"{where(record)} id={event.id}",
                                 on_retry=self._retried, on_dependency=self._on_dependency)
             result = await caption_event(event, clips=self._clips, caption=self._caption,
-                                         settings=self._s, attempts=attempts)
+                                         settings=self._s, attempts=attempts,
+                                         cache=self._cache)
             caption = self._caption_event(event, record, result, attempts.count, started)
             value, dropped = fit_caption(caption, event.id,
                                          self._s.kafka.max_request_size_bytes)
@@ -126,18 +133,21 @@ class RecordPipeline:
     def _caption_event(self, event: VideoEvent, record: ConsumerRecord[bytes, bytes],
                        result: EventCaption, attempts: int, started: float) -> CaptionEvent:
         m = self._metrics
-        m.frames_decoded.inc(result.frames_sampled)
+        m.frames_decoded.inc(result.frames_decoded)
         video_info = _video_info(result.clips)
         if video_info.bytes_read is not None:
             m.video_bytes_read.observe(video_info.bytes_read)
+        made = result.engine_made()  # cache hits spent no tokens here (see cache metrics)
         usage = TokenUsage(prompt_tokens=result.prompt_tokens,
                            completion_tokens=result.completion_tokens)
-        m.tokens.labels("prompt").inc(usage.prompt_tokens)
-        m.tokens.labels("completion").inc(usage.completion_tokens)
+        m.tokens.labels("prompt").inc(sum(r.prompt_tokens for c in made for r in c.results))
+        m.tokens.labels("completion").inc(
+            sum(r.completion_tokens for c in made for r in c.results))
         queue_ms = max(r.queue_ms for r in result.results)
         inference_ms = max(r.inference_ms for r in result.results) or result.caption_s * 1000
-        m.stage_seconds.labels("inference").observe(inference_ms / 1000)
-        for generated in result.generated():
+        if made:  # an event served wholly by the cache spent no engine time
+            m.stage_seconds.labels("inference").observe(inference_ms / 1000)
+        for generated in made:
             m.captions.labels(generated.status).inc()
             for status in generated.regenerated_for:
                 m.caption_regenerations.labels(status).inc()

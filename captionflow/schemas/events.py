@@ -95,6 +95,9 @@ class EventOptions(_Model):
     summarize: bool | None = Field(None, description=(
         "For windowed videos: one more text-only request turns the window captions into "
         "one caption (default: serving.summarize_windows)."))
+    cache: bool | None = Field(None, description=(
+        "false: neither look this event's captions up in the caption cache nor store them "
+        "(docs/captions.md)."))
 
     @field_validator("prompts")
     @classmethod
@@ -114,7 +117,7 @@ class EventOptions(_Model):
 
 
 _NOT_FRAME_OPTIONS = {"prompt", "sampling", "prompts", "json_schema", "json_schema_name",
-                      "summarize"}
+                      "summarize", "cache"}
 
 
 # A bare string is accepted on input and stored as a one-element list.
@@ -238,6 +241,21 @@ class WindowCaption(_Model):
     captions: dict[str, str] | None = Field(
         None, description="One caption per named prompt (options.prompts).")
     caption_json: Any = Field(None, description="The caption parsed, with options.json_schema.")
+    cache_hit: bool | None = Field(None, description=(
+        "True when this window's captions came from the caption cache (the window was not "
+        "decoded nor sent to the engine); absent when the cache was not used."))
+
+
+class CacheInfo(_Model):
+    """How the caption cache served this event (docs/captions.md)."""
+
+    hit: bool = Field(description=(
+        "True when every caption of the event came from the cache (no engine request)."))
+    key: str = Field(description=(
+        "The cache key of the event's caption; for windows joined without a summary, "
+        "the sha256 of the windows' keys, in order."))
+    hits: int = Field(0, description="Captions (windows x prompts, summaries) from the cache.")
+    lookups: int = Field(0, description="Captions looked up in the cache.")
 
 
 class CaptionEvent(_Model):
@@ -268,6 +286,8 @@ class CaptionEvent(_Model):
         "video, the summary's, or none without a summary: see the windows)."))
     summarized: bool = Field(False, description=(
         "True when `caption` is a summary of the window captions (options.summarize)."))
+    cache: CacheInfo | None = Field(None, description=(
+        "Present when the caption cache was used for this event."))
     timings: StageTimings = StageTimings()
     metadata: dict[str, Any] = Field(default_factory=dict)
     source: SourceCoordinates | None = None

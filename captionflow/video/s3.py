@@ -185,9 +185,10 @@ class S3File(RemoteVideo):
 
     def __init__(self, *, bucket: str, key: str, size_bytes: int, etag: str | None,
                  config: S3Config, total_timeout_s: float, min_fetch_bytes: int,
-                 max_fetch_bytes: int, cache_bytes: int) -> None:
+                 max_fetch_bytes: int, cache_bytes: int, version_id: str | None = None) -> None:
         super().__init__(name=key.rsplit("/", 1)[-1] or key, size_bytes=size_bytes)
         self.bucket, self.key, self.etag = bucket, key, etag
+        self.version_id = version_id  # with the ETag and size: the caption cache's validator
         self.config = config
         self.total_timeout_s = total_timeout_s
         self.min_fetch_bytes, self.max_fetch_bytes = min_fetch_bytes, max_fetch_bytes
@@ -286,7 +287,7 @@ def fetch_s3(reference: str, settings: VideoSettings, download_dir: Path) -> Loc
                   total_timeout_s=settings.fetch_total_timeout_s,
                   min_fetch_bytes=settings.s3_min_read_bytes,
                   max_fetch_bytes=settings.s3_max_read_bytes,
-                  cache_bytes=settings.s3_cache_bytes)
+                  cache_bytes=settings.s3_cache_bytes, version_id=head.get("VersionId"))
 
 
 def _forbidden_why(config: S3Config, bucket: str, key: str, url: str) -> CaptionflowError | None:

@@ -38,6 +38,7 @@ from captionflow.video.fetchers import LocalVideo, fetch
 from captionflow.video.ranged import RemoteVideo
 from captionflow.video.pool import DecodePool
 from captionflow.video.sampling import SamplingPolicy
+from captionflow.video.validator import content_validator
 from captionflow.video.windows import plan_windows
 
 T = TypeVar("T")
@@ -209,6 +210,8 @@ class VideoClips:
         self.fetch_s = fetch_s
         self.probe_s = probe_s
         self.decode_s = 0.0
+        self._validator: str | None = None  # "" once known to have none
+        self.validate_s = 0.0
 
     @property
     def count(self) -> int:
@@ -233,6 +236,40 @@ class VideoClips:
         clip = self._bytes.tag(_clip(self._index, plan, frames, stats), stats)
         clip.extra["fetch_s"] = self.fetch_s
         clip.extra["decode_s"] = time.monotonic() - started
+        return clip
+
+    async def content_validator(self) -> str | None:
+        """The video's validator (``captionflow.video.validator``), computed once, off the
+        event loop: a local file is hashed whole."""
+        if self._validator is None:
+            started = time.monotonic()
+            self._validator = await asyncio.to_thread(content_validator, self._video) or ""
+            self.validate_s = time.monotonic() - started
+        return self._validator or None
+
+    def clip_identity(self, i: int) -> dict[str, Any]:
+        """Clip ``i`` as planned: what decides its frames, known before decoding it."""
+        plan, facts = self._plans[i], self._index.facts
+        policy = plan.policy
+        return {"start_s": policy.start_s or 0.0,
+                "end_s": policy.end_s if policy.end_s is not None else facts.duration_s,
+                "window": plan.window_index, "frames": plan.indices,
+                "sample_fps": round(plan.sample_fps, 6), "size": [plan.height, plan.width],
+                "device": self._settings.decode_device.split(":")[0]}
+
+    def planned_clip(self, i: int) -> Clip:
+        """Clip ``i`` as it would be decoded, without its pixels (frames as in
+        :meth:`Clip.without_frames`): what a caption from the cache describes."""
+        plan = self._plans[i]
+        empty = np.lib.stride_tricks.as_strided(
+            np.zeros(1, np.uint8), shape=(len(plan.indices), plan.height, plan.width, 3),
+            strides=(0, 0, 0, 0), writeable=False)
+        clip = self._bytes.tag(_clip(self._index, plan, empty, DecodeStats()), DecodeStats())
+        clip.extra["fetch_s"] = self.fetch_s
+        clip.extra["cached"] = True  # not decoded: no decode device, no decode stats
+        for name in ("decode_device", "device_fallback", "seeks", "packets_decoded",
+                     "frames_decoded", "decode_errors", "linear_fallback"):
+            clip.extra.pop(name, None)
         return clip
 
     async def aclose(self) -> None:
