@@ -271,7 +271,10 @@ class ServingSettings(_Section):
     # A server's Retry-After is obeyed up to this many seconds.
     retry_after_max_s: float = Field(30.0, ge=0)
     openai_max_concurrency: int = Field(16, ge=1)
-    openai_max_retries: int = Field(3, ge=0)
+    # Extra POSTs inside one attempt of the worker's retry layer (worker.max_attempts), so
+    # one failing call makes max_attempts * (openai_max_retries + 1) POSTs (docs/errors.md).
+    # 0 leaves retries to that one layer, which also waits out outages without charging.
+    openai_max_retries: int = Field(0, ge=0)
     openai_retry_backoff_ms: int = Field(500, ge=0)
     # How the openai backend sends frames: as an inline data URL of the sampled frames.
     openai_video_transport: Literal["frames", "url"] = "frames"

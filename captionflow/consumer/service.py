@@ -39,10 +39,11 @@ from captionflow.consumer.rebalance import RebalanceHandler
 from captionflow.errors import (
     BrokerUnavailableError,
     CaptionflowError,
+    ErrorCode,
     FatalError,
     OutputTooLargeError,
 )
-from captionflow.kafka import make_consumer, start_client
+from captionflow.kafka import check_topics, make_consumer, start_client
 from captionflow.metrics import Metrics
 from captionflow.serving.base import CaptionBackend
 from captionflow.video.source import FrameSource
@@ -121,6 +122,10 @@ class Worker:
                 self._http.start()
                 stack.callback(self._http.close)
                 log.info("metrics and health on http://%s:%d", s.metrics.host, self._http.port)
+            # Before the engine: a topic that does not exist is found in a second.
+            await check_topics(s.kafka, {"topics.input": s.topics.input,
+                                         "topics.output": s.topics.output,
+                                         "topics.dead_letter": s.topics.dead_letter})
             # Before the engine: a GPU decode device that cannot be opened is found in a
             # second, not after minutes of loading weights.
             frames = self.frames = FrameSource(s.video)
@@ -252,6 +257,13 @@ class Worker:
                       consumed_at: float) -> None:
         assert self._pipeline is not None and self._committer is not None
         output = await self._pipeline.process(record)
+        if self._stopping.is_set() and output.error_code == ErrorCode.DECODE_CRASHED:
+            # Stopping is never the record's fault: a decoder that died while the worker
+            # stops (a signal to the whole process group, the pool closing) leaves the
+            # record uncommitted, for the next owner.
+            log.warning("%s id=%s: decoder died while stopping; left uncommitted",
+                        where(record), output.event_id)
+            return
         if self._guard.holds(output.error_code):
             # Uncommitted until a restart after the fix redelivers it.
             log.warning("%s id=%s: held by the poison guard (%s), not dead-lettered",
