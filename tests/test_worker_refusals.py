@@ -243,7 +243,8 @@ async def test_sigterm_to_the_process_group_while_decoding_blames_no_record(
     serving = tiny_settings.model_copy(update={"backend": "transformers"})
     settings = worker_settings(kafka, topics, group_id, serving, (root,),
                                **{"worker.shutdown_grace_s": 1.0, "video.decode_workers": 2,
-                                  "video.max_frames": 8, "worker.max_in_flight": 8})
+                                  "video.max_frames": 8, "worker.max_in_flight": 8,
+                                  "worker.resume_in_flight": 4})
     config = tmp_path / "worker.json"
     config.write_bytes(orjson.dumps(settings.model_dump(mode="json")))
     async with Publisher(kafka, topic=topics.input) as pub:

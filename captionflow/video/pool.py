@@ -16,8 +16,9 @@ Frames come back through shared memory: the child decodes straight into a ``memf
 descriptor over the pipe (``SCM_RIGHTS``); the parent maps it and wraps it in a numpy
 array without copying. The memory is freed when that array is.
 
-Children ignore SIGINT and SIGTERM: signals are the worker's to handle, and a child exits
-when the worker closes its end of the socket (or dies).
+Signals are the worker's to handle: each child runs in its own process group (a signal to
+the worker's group does not reach it) and ignores SIGINT and SIGTERM besides; it exits when
+the worker closes its end of the socket, or dies.
 A child that dies (signal, ``os._exit``: its end of the socket closes), runs past
 ``video.decode_timeout_s``, or whose
 task is cancelled (a sibling window failed, shutdown) is killed and dropped; its task fails
@@ -286,7 +287,11 @@ class DecodePool:
             process = subprocess.Popen(
                 [sys.executable, "-m", "captionflow.video.decoder_process", str(theirs.fileno()),
                  str(self._limit), self._device],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                # Its own process group from the first instruction: a signal sent to the
+                # worker's group cannot kill a child still starting, before child_main
+                # ignores SIGTERM and SIGINT.
+                process_group=0)
         finally:
             theirs.close()
         self.started += 1
