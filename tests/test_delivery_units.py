@@ -307,3 +307,35 @@ def test_rebalance_timeout_must_cover_the_revoke_drain_and_commit() -> None:
     with pytest.raises(ValueError, match="rebalance_timeout_ms"):
         WorkerSettings(revoke_grace_s=30, rebalance_timeout_ms=20_000)
     WorkerSettings(revoke_grace_s=10, commit_timeout_ms=5000, rebalance_timeout_ms=15_000)
+
+
+# --- stopping -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stopping", [False, True])
+async def test_a_decoder_dying_while_the_worker_stops_is_not_the_records_fault(
+        stopping: bool) -> None:
+    from aiokafka.structs import ConsumerRecord
+
+    from captionflow.config import Settings
+    from captionflow.consumer.pipeline import RecordPipeline
+    from captionflow.errors import DecodeCrashedError
+    from captionflow.metrics import Metrics
+
+    async def clips(reference, overrides):
+        raise DecodeCrashedError("the decoder process died during probe: killed by SIGTERM")
+
+    async def caption(request):
+        raise AssertionError("nothing to caption")
+
+    pipeline = RecordPipeline(Settings(), clips=clips, caption=caption, model_name="m",
+                              metrics=Metrics.fresh(), worker_id="w",
+                              stopping=lambda: stopping)
+    record = ConsumerRecord("in", 0, 7, 0, 0, b"k", orjson.dumps({"id": "e", "video": ["v.mp4"]}),
+                            None, 1, 20, ())
+    if stopping:  # abandoned, uncommitted: the next owner gets it
+        with pytest.raises(asyncio.CancelledError):
+            await pipeline.process(record)
+    else:
+        output = await pipeline.process(record)
+        assert output.error_code == ErrorCode.DECODE_CRASHED

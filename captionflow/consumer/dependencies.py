@@ -105,7 +105,9 @@ class DependencyGate:
         if state is None:  # nothing to probe it with: treat as a plain retriable failure
             return True
         if error.state in NOT_THE_RECORDS:
-            self.mark_down(dep, str(error), error.state, hold_s=self._hold_s(state, error))
+            # One hold per outage: the records that meet it together do not stretch it.
+            hold_s = self._hold_s(state, error) if state.down_since is None else 0.0
+            self.mark_down(dep, str(error), error.state, hold_s=hold_s)
         elif state.down_since is None:
             async with state.lock:
                 if state.down_since is None:

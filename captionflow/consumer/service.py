@@ -39,7 +39,6 @@ from captionflow.consumer.rebalance import RebalanceHandler
 from captionflow.errors import (
     BrokerUnavailableError,
     CaptionflowError,
-    ErrorCode,
     FatalError,
     OutputTooLargeError,
 )
@@ -170,7 +169,8 @@ class Worker:
             self._pipeline = RecordPipeline(
                 s, clips=timed_clips(frames, self.metrics), caption=batcher.submit,
                 model_name=model,
-                metrics=self.metrics, worker_id=self.worker_id, on_dependency=gate.report)
+                metrics=self.metrics, worker_id=self.worker_id, on_dependency=gate.report,
+                stopping=self._stopping.is_set)
             self._rebalance = RebalanceHandler(
                 on_assigned=self._assigned, on_revoked=self._revoked, on_lost=self._lost,
                 is_lost=self._membership_lost, metrics=self.metrics)
@@ -257,13 +257,6 @@ class Worker:
                       consumed_at: float) -> None:
         assert self._pipeline is not None and self._committer is not None
         output = await self._pipeline.process(record)
-        if self._stopping.is_set() and output.error_code == ErrorCode.DECODE_CRASHED:
-            # Stopping is never the record's fault: a decoder that died while the worker
-            # stops (a signal to the whole process group, the pool closing) leaves the
-            # record uncommitted, for the next owner.
-            log.warning("%s id=%s: decoder died while stopping; left uncommitted",
-                        where(record), output.event_id)
-            return
         if self._guard.holds(output.error_code):
             # Uncommitted until a restart after the fix redelivers it.
             log.warning("%s id=%s: held by the poison guard (%s), not dead-lettered",
