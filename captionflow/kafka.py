@@ -34,6 +34,7 @@ from captionflow.errors import (
     BrokerUnavailableError,
     CaptionflowError,
     ConfigError,
+    DependencyState,
 )
 
 log = logging.getLogger(__name__)
@@ -304,6 +305,24 @@ async def ensure_topics(kafka: KafkaSettings, names: Iterable[str], *, partition
         raise BrokerUnavailableError(f"creating topics {list(names)} failed: {e}") from e
     finally:
         await admin.close()
+
+
+# Refusals of this client's identity by a running cluster: a configuration outage (the
+# worker waits, not ready, naming the settings), never a record's fault.
+_REFUSED_AT_RUN_TIME = (kerr.TopicAuthorizationFailedError, kerr.GroupAuthorizationFailedError,
+                        kerr.ClusterAuthorizationFailedError, kerr.SaslAuthenticationFailed,
+                        kerr.AuthenticationFailedError, kerr.TransactionalIdAuthorizationFailed)
+
+
+def refusal(e: BaseException, what: str) -> BrokerUnavailableError | None:
+    """``e`` as a *misconfigured* broker outage when it refuses this client's credentials
+    or ACLs while running, else None."""
+    if not isinstance(e, _REFUSED_AT_RUN_TIME):
+        return None
+    return BrokerUnavailableError(
+        f"{what} refused: {_describe(e)}; check kafka.sasl_username/kafka.sasl_password and "
+        "that the principal may read topics.input, write topics.output and "
+        "topics.dead_letter, and use worker.group_id", state=DependencyState.MISCONFIGURED)
 
 
 async def check_topics(kafka: KafkaSettings, topics: dict[str, str], *,

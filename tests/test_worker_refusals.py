@@ -325,3 +325,18 @@ async def test_one_failing_caption_call_makes_the_documented_number_of_posts(
     assert letter.error.code == ErrorCode.ENGINE_UNAVAILABLE
     assert letter.error.attempts == max_attempts
     assert posts == max_attempts * (max_retries + 1)
+
+
+async def test_acl_and_sasl_refusals_while_running_are_misconfigured_outages() -> None:
+    """Tansu has no ACLs or SASL (FACTS): the classification of aiokafka's errors is shown,
+    the worker's waiting on it is the gate's (test_delivery_units)."""
+    from aiokafka.errors import GroupAuthorizationFailedError, TopicAuthorizationFailedError
+
+    from captionflow.kafka import refusal
+
+    for error in (TopicAuthorizationFailedError(), GroupAuthorizationFailedError()):
+        assert isinstance(publish_error(error, "t", "k"), BrokerUnavailableError)
+        outage = refusal(error, "polling")
+        assert outage is not None and outage.state is DependencyState.MISCONFIGURED
+        assert "kafka.sasl_username" in str(outage)
+    assert refusal(KafkaTimeoutError(), "polling") is None

@@ -20,11 +20,10 @@ from captionflow.config import KafkaSettings
 from captionflow.errors import (
     BrokerUnavailableError,
     CaptionflowError,
-    DependencyState,
     OutputTooLargeError,
     PublishFailedError,
 )
-from captionflow.kafka import start_producer
+from captionflow.kafka import refusal, start_producer
 from captionflow.schemas.codec import encode
 from captionflow.schemas.events import CaptionEvent
 
@@ -59,12 +58,6 @@ def fit_caption(event: CaptionEvent, key: str, max_bytes: int) -> tuple[bytes, l
     return value, dropped
 
 
-# The cluster refuses this worker's identity: a configuration outage, not the record's.
-_REFUSED = (kerr.TopicAuthorizationFailedError, kerr.ClusterAuthorizationFailedError,
-            kerr.SaslAuthenticationFailed, kerr.AuthenticationFailedError,
-            kerr.TransactionalIdAuthorizationFailed)
-
-
 def publish_error(e: KafkaError, topic: str, key: str) -> CaptionflowError:
     """What a failed send means for the worker, by what the cluster said.
 
@@ -78,10 +71,9 @@ def publish_error(e: KafkaError, topic: str, key: str) -> CaptionflowError:
         return PublishFailedError(
             f"{what}: the topic does not exist ({e!r}); create it or fix topics.output / "
             "topics.dead_letter")
-    if isinstance(e, _REFUSED):
-        return BrokerUnavailableError(
-            f"{what} refused: {e!r}; grant this principal Write on {topic!r} (kafka."
-            "sasl_username) or fix the credentials", state=DependencyState.MISCONFIGURED)
+    refused = refusal(e, what)
+    if refused is not None:
+        return refused
     if e.retriable or isinstance(e, kerr.KafkaTimeoutError):
         return BrokerUnavailableError(f"{what} not acknowledged: {e!r}")
     return PublishFailedError(

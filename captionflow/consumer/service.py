@@ -42,7 +42,7 @@ from captionflow.errors import (
     FatalError,
     OutputTooLargeError,
 )
-from captionflow.kafka import check_topics, make_consumer, start_client
+from captionflow.kafka import check_topics, make_consumer, refusal, start_client
 from captionflow.metrics import Metrics
 from captionflow.serving.base import CaptionBackend
 from captionflow.video.source import FrameSource
@@ -219,6 +219,15 @@ class Worker:
                 batches = await consumer.getmany(timeout_ms=w.poll_timeout_ms,
                                                  max_records=budget)
             except KafkaError as e:
+                refused = refusal(e, "polling")
+                if refused is not None:  # waits, not ready, for as long as it is refused
+                    assert self._gate is not None
+                    waits = {asyncio.ensure_future(self._gate.report(refused)),
+                             asyncio.ensure_future(self._stopping.wait())}
+                    _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                    for task in pending:
+                        task.cancel()
+                    continue
                 log.warning("poll failed: %r; retrying", e)
                 await asyncio.sleep(w.poll_timeout_ms / 1000)
                 continue
