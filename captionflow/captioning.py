@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -70,7 +71,11 @@ class Attempts:
     which waits until the dependency answers and returns whether it answered at once. Only
     then does the failure count as an attempt: a record is never charged for an outage, and
     one that fails while its dependency is fine still ends after ``max_attempts``. Without
-    ``on_dependency`` (batch mode), a dependency error is retried like a retriable one."""
+    ``on_dependency`` (batch mode), a dependency error is retried like a retriable one.
+
+    This is the one retry layer of a caption request: one failing call makes at most
+    ``worker.max_attempts * (serving.openai_max_retries + 1)`` POSTs to a remote server
+    (docs/errors.md), and outages, overload and refusals it waits out are not counted."""
 
     def __init__(self, worker: WorkerSettings, *, label: str = "",
                  on_retry: Callable[[CaptionflowError], None] | None = None,
@@ -102,8 +107,10 @@ class Attempts:
     async def _backoff_or_raise(self, e: CaptionflowError) -> None:
         if self.count >= self._w.max_attempts:
             raise e
+        # Jittered ("equal jitter"), so records that failed together do not retry together.
         backoff_ms = min(self._w.retry_backoff_max_ms,
                          self._w.retry_backoff_ms * 2 ** (self.count - 1))
+        backoff_ms = int(backoff_ms * random.uniform(0.5, 1.0))
         hint_s = getattr(e, "retry_after_s", None)
         if hint_s is not None:
             backoff_ms = max(backoff_ms, int(hint_s * 1000))

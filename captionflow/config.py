@@ -349,10 +349,13 @@ class ServingSettings(_Section):
     retry_after_max_s: float = Field(30.0, ge=0)
     openai_max_concurrency: int = Field(16, ge=1,
         description="Most requests in flight to the openai server.")
-    openai_max_retries: int = Field(3, ge=0,
-        description="Retries of a failed request to the openai server.")
+    # Extra POSTs inside one attempt of the worker's retry layer (worker.max_attempts), so
+    # one failing call makes max_attempts * (openai_max_retries + 1) POSTs (docs/errors.md).
+    # 0 leaves retries to that one layer, which also waits out outages without charging.
+    openai_max_retries: int = Field(0, ge=0,
+        description="Extra POSTs inside one attempt for 5xx and connection errors.")
     openai_retry_backoff_ms: int = Field(500, ge=0,
-        description="First backoff between those retries (doubling).")
+        description="First backoff between those retries (doubling, with jitter).")
     # How the openai backend sends a clip: its sampled frames, inline. There is no "url"
     # transport: a server fetching references itself would bypass the worker's fetch
     # guards (allowed roots and networks, size and time limits) and its sampling.

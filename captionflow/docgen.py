@@ -243,7 +243,7 @@ BLOCKS = [
     Block("metrics", DOCS / "metrics.md", ["name", "type", "labels", "help", "unit", "meaning"],
           metric_rows, 4),
     Block("errors", DOCS / "errors.md", ["code", "kind", "retriable", "what happened",
-                                         "what to do"], error_rows, 3),
+                                         "what to do", "caused in"], error_rows, 3),
     Block("cli", DOCS / "cli.md", ["command", "flag", "default", "help"], cli_rows, 4),
 ]
 

@@ -84,6 +84,20 @@ class Dependency(StrEnum):
     CACHE = "cache"
 
 
+class DependencyState(StrEnum):
+    """What a dependency says about this worker, from its last answer or probe.
+
+    ``down`` (no answer, 5xx, restarting) and ``overloaded`` (429, 503 with Retry-After,
+    ``SlowDown``) are outages; ``misconfigured`` is a refusal of this worker's own
+    settings (credentials, keys, ACLs: 401/403, ``InvalidAccessKeyId``, SASL/ACL errors),
+    which waiting alone will not end. None of the three is ever a record's fault."""
+
+    UP = "up"
+    DOWN = "down"
+    OVERLOADED = "overloaded"
+    MISCONFIGURED = "misconfigured"
+
+
 class CaptionflowError(Exception):
     """Root of every captionflow error.
 
@@ -152,13 +166,17 @@ class DependencyError(CaptionflowError):
     kind = ErrorKind.DEPENDENCY
     retriable = True
     dependency: Dependency = Dependency.ENGINE
+    state: DependencyState = DependencyState.DOWN
 
     def __init__(self, message: str, *, code: ErrorCode | None = None,
                  retriable: bool | None = None, dependency: Dependency | None = None,
-                 retry_after_s: float | None = None) -> None:
+                 retry_after_s: float | None = None,
+                 state: DependencyState | None = None) -> None:
         super().__init__(message, code=code, retriable=retriable)
         if dependency is not None:
             self.dependency = dependency
+        if state is not None:
+            self.state = state
         # A server's own hint (HTTP Retry-After), already capped by whoever raised this.
         self.retry_after_s = retry_after_s
 
@@ -178,6 +196,7 @@ class EngineOverloadedError(DependencyError):
     """The serving backend refused the request for load (HTTP 429, queue full)."""
 
     code = ErrorCode.ENGINE_OVERLOADED
+    state = DependencyState.OVERLOADED
 
 
 class EngineTimeoutError(DependencyError):

@@ -33,6 +33,8 @@ from captionflow.errors import (
     BrokerTlsError,
     BrokerUnavailableError,
     CaptionflowError,
+    ConfigError,
+    DependencyState,
 )
 
 log = logging.getLogger(__name__)
@@ -303,6 +305,47 @@ async def ensure_topics(kafka: KafkaSettings, names: Iterable[str], *, partition
         raise BrokerUnavailableError(f"creating topics {list(names)} failed: {e}") from e
     finally:
         await admin.close()
+
+
+# Refusals of this client's identity by a running cluster: a configuration outage (the
+# worker waits, not ready, naming the settings), never a record's fault.
+_REFUSED_AT_RUN_TIME = (kerr.TopicAuthorizationFailedError, kerr.GroupAuthorizationFailedError,
+                        kerr.ClusterAuthorizationFailedError, kerr.SaslAuthenticationFailed,
+                        kerr.AuthenticationFailedError, kerr.TransactionalIdAuthorizationFailed)
+
+
+def refusal(e: BaseException, what: str) -> BrokerUnavailableError | None:
+    """``e`` as a *misconfigured* broker outage when it refuses this client's credentials
+    or ACLs while running, else None."""
+    if not isinstance(e, _REFUSED_AT_RUN_TIME):
+        return None
+    return BrokerUnavailableError(
+        f"{what} refused: {_describe(e)}; check kafka.sasl_username/kafka.sasl_password and "
+        "that the principal may read topics.input, write topics.output and "
+        "topics.dead_letter, and use worker.group_id", state=DependencyState.MISCONFIGURED)
+
+
+async def check_topics(kafka: KafkaSettings, topics: dict[str, str], *,
+                       timeout_s: float = 30.0) -> None:
+    """Raise ConfigError naming each of ``topics`` ({setting: name}) the cluster does not
+    have. It asks for the metadata of all topics, a request that never creates one (a
+    metadata request naming a topic may, where ``auto.create.topics.enable`` is on), so a
+    typo in a setting cannot create a topic that nobody reads."""
+    admin = AIOKafkaAdminClient(**connection_kwargs(kafka, client_suffix="-admin"))
+    await start_client(admin, kafka, role="admin client", timeout_s=timeout_s)
+    try:
+        existing = set(await admin.list_topics())
+    except KafkaError as e:
+        raise BrokerUnavailableError(f"listing the topics of Kafka at "
+                                     f"{kafka.bootstrap_servers} failed: {e!r}") from e
+    finally:
+        await admin.close()
+    missing = [f"{setting}={name!r}" for setting, name in topics.items() if name not in existing]
+    if missing:
+        raise ConfigError(
+            f"Kafka at {kafka.bootstrap_servers} has no topic {', '.join(missing)} (or this "
+            "principal may not Describe it); create it (`captionflow topics` creates all "
+            "three) or set the setting to an existing topic")
 
 
 async def wait_for_broker(kafka: KafkaSettings, *, timeout_s: float = 20.0) -> None:

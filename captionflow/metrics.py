@@ -117,6 +117,11 @@ class Metrics:
             "captionflow_dependency_outages_total",
             "Times a dependency was marked down (the worker paused until it answered).",
             ["dependency"], registry=r)
+        self.dependency_misconfigured = Gauge(
+            "captionflow_dependency_misconfigured",
+            "1 while a dependency refuses this worker's own settings (credentials, API key, "
+            "ACLs), by dependency: waiting will not end it, a fix will.", ["dependency"],
+            registry=r)
         self.engine_stalled = Gauge(
             "captionflow_engine_stalled_seconds",
             "Seconds the engine has had requests in flight without returning a token.",
@@ -155,6 +160,8 @@ class Metrics:
         for dependency in ("broker", "engine"):
             self.dependency_up.labels(dependency)
             self.dependency_outages.labels(dependency)
+        for dependency in ("broker", "engine", "object_store"):
+            self.dependency_misconfigured.labels(dependency)
         # Series exist from the start, so dashboards and rate() see 0 rather than nothing.
         for code in (ErrorCode.FETCH_TIMEOUT, ErrorCode.FETCH_FAILED,
                      ErrorCode.ENGINE_OVERLOADED, ErrorCode.ENGINE_FAILED):

@@ -18,10 +18,13 @@ from captionflow.consumer.guard import PoisonGuard
 from captionflow.consumer.publish import DROPPABLE_FIELDS, fit_caption, record_size
 from captionflow.errors import (
     Dependency,
+    DependencyState,
+    EngineOverloadedError,
     EngineUnavailableError,
     ErrorCode,
     FetchFailedError,
     MalformedJsonError,
+    ObjectStoreUnavailableError,
     OutputTooLargeError,
 )
 from captionflow.schemas.codec import dead_letter, decode_dead_letter_event, encode, now_rfc3339
@@ -174,9 +177,41 @@ async def test_gate_counts_a_hanging_probe_as_down() -> None:
     await gate.close()
 
 
-def _probe(answers: list[bool]):
-    async def probe() -> bool:
-        return answers.pop(0)
+async def test_overload_is_never_charged_and_waits_out_its_retry_after() -> None:
+    """The probe answers at once (a loaded `vllm serve` keeps answering /models), yet a 429
+    is not the record's: it waits the Retry-After, then is retried uncounted."""
+    changes = []
+    gate = DependencyGate({Dependency.ENGINE: _probe([True] * 10)}, probe_timeout_s=1,
+                          backoff_initial_ms=10, backoff_max_ms=20,
+                          on_change=lambda dep, up, why: changes.append((dep, up)))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    charged = await asyncio.wait_for(
+        gate.report(EngineOverloadedError("429", retry_after_s=0.3)), 5)
+    assert charged is False and loop.time() - started >= 0.3
+    assert changes == [(Dependency.ENGINE, False), (Dependency.ENGINE, True)]
+    await gate.close()
+
+
+async def test_a_probe_that_reports_a_refusal_keeps_the_dependency_misconfigured() -> None:
+    states = []
+    answers = [DependencyState.MISCONFIGURED] * 3 + [DependencyState.UP]
+    gate = DependencyGate({Dependency.OBJECT_STORE: _probe(answers)}, probe_timeout_s=1,
+                          backoff_initial_ms=10, backoff_max_ms=20,
+                          on_change=lambda dep, up, why: states.append(gate.state(dep)))
+    refused = ObjectStoreUnavailableError("InvalidAccessKeyId",
+                                          state=DependencyState.MISCONFIGURED)
+    waiter = asyncio.create_task(gate.report(refused))
+    await asyncio.sleep(0.005)
+    assert gate.state(Dependency.OBJECT_STORE) is DependencyState.MISCONFIGURED
+    assert await asyncio.wait_for(waiter, 5) is False
+    assert states == [DependencyState.MISCONFIGURED, DependencyState.UP] and answers == []
+    await gate.close()
+
+
+def _probe(answers: list):
+    async def probe():
+        return answers.pop(0) if answers else True
     return probe
 
 
@@ -272,3 +307,35 @@ def test_rebalance_timeout_must_cover_the_revoke_drain_and_commit() -> None:
     with pytest.raises(ValueError, match="rebalance_timeout_ms"):
         WorkerSettings(revoke_grace_s=30, rebalance_timeout_ms=20_000)
     WorkerSettings(revoke_grace_s=10, commit_timeout_ms=5000, rebalance_timeout_ms=15_000)
+
+
+# --- stopping -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stopping", [False, True])
+async def test_a_decoder_dying_while_the_worker_stops_is_not_the_records_fault(
+        stopping: bool) -> None:
+    from aiokafka.structs import ConsumerRecord
+
+    from captionflow.config import Settings
+    from captionflow.consumer.pipeline import RecordPipeline
+    from captionflow.errors import DecodeCrashedError
+    from captionflow.metrics import Metrics
+
+    async def clips(reference, overrides):
+        raise DecodeCrashedError("the decoder process died during probe: killed by SIGTERM")
+
+    async def caption(request):
+        raise AssertionError("nothing to caption")
+
+    pipeline = RecordPipeline(Settings(), clips=clips, caption=caption, model_name="m",
+                              metrics=Metrics.fresh(), worker_id="w",
+                              stopping=lambda: stopping)
+    record = ConsumerRecord("in", 0, 7, 0, 0, b"k", orjson.dumps({"id": "e", "video": ["v.mp4"]}),
+                            None, 1, 20, ())
+    if stopping:  # abandoned, uncommitted: the next owner gets it
+        with pytest.raises(asyncio.CancelledError):
+            await pipeline.process(record)
+    else:
+        output = await pipeline.process(record)
+        assert output.error_code == ErrorCode.DECODE_CRASHED

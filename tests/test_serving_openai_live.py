@@ -117,3 +117,58 @@ async def test_the_servers_api_process_runs_the_fast_video_preprocessing(
         await remote.close()
     line = f"captionflow fast video preprocessing in use (pid {vllm_server.pid})"
     assert line in vllm_server.log_path.read_text(errors="replace")
+
+
+async def test_a_server_answering_429_longer_than_the_retry_budget_writes_no_dead_letters(
+        openai_server: str, kafka, topics, group_id, tiny_settings, caption_videos) -> None:
+    """A stand-in in front of the real server answers every chat completion with 429 and
+    Retry-After: 1 for OVERLOAD_S while GET /models keeps answering (as a loaded `vllm serve`
+    does), then forwards. Before, each event was dead-lettered as engine_overloaded once
+    its attempts were spent (max_attempts 3 at Retry-After 1 s: about 3 s)."""
+    import time
+
+    from captionflow.producer import Publisher
+    from captionflow.schemas import decode_caption_event
+    from tests.support.kafka_helpers import read_topic, wait_all_committed
+    from tests.support.loopback import Loopback
+    from tests.support.worker_fixtures import running_worker, worker_settings
+
+    overload_s = 8.0
+    until = time.monotonic() + 3600.0
+
+    def rule(method: str, path: str):
+        if method == "POST" and time.monotonic() < until:
+            return 429, {"Retry-After": "1", "Content-Type": "application/json"}, \
+                b'{"error": {"message": "too many requests"}}'
+        return None
+
+    with Loopback(rule, upstream=openai_server.removesuffix("/v1")) as stand_in:
+        serving = tiny_settings.model_copy(update={
+            "backend": "openai", "openai_base_url": f"{stand_in.url}/v1"})
+        settings = worker_settings(kafka, topics, group_id, serving,
+                                   (caption_videos[0].parent,),
+                                   **{"worker.max_attempts": 3, "worker.retry_backoff_ms": 50})
+        backend = OpenAIBackend(serving)
+        await backend.start()
+        try:
+            async with Publisher(kafka, topic=topics.input) as pub:
+                report = await pub.publish_inputs([str(v) for v in caption_videos[:4]],
+                                                  id_from="uuid")
+            async with running_worker(settings, backend) as (worker, _):
+                until = time.monotonic() + overload_s
+                while time.monotonic() < until:
+                    await asyncio.sleep(0.5)
+                refused = stand_in.count("POST")
+                assert await read_topic(kafka, topics.dead_letter, expected=0,
+                                        settle_s=0.1) == []
+                outages = worker.metrics.dependency_outages.labels("engine")._value.get()
+                records = await read_topic(kafka, topics.output, expected=4, timeout_s=120)
+                await wait_all_committed(kafka, topics.input, group_id)
+        finally:
+            await backend.close()
+    assert refused >= 4 * 3, f"only {refused} refused POSTs: the window did not outlast " \
+                             "the records' attempts"
+    assert outages >= 1
+    assert {decode_caption_event(r.value).id for r in records} == \
+        {ev.id for ev, _ in report.sent}
+    assert await read_topic(kafka, topics.dead_letter, expected=0, settle_s=0.3) == []

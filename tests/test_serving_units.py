@@ -12,6 +12,7 @@ from captionflow.config import DEFAULT_PROMPT, ServingSettings
 from captionflow.errors import (
     ConfigError,
     Dependency,
+    DependencyState,
     EngineDeadError,
     EngineOverloadedError,
     EngineRequestFailedError,
@@ -146,7 +147,7 @@ async def test_openai_retries_5xx_and_429_then_succeeds():
     def handler(request):
         return next(answers, None) or _ok(seen)(request)
 
-    async with _backend(handler) as backend:
+    async with _backend(handler, openai_max_retries=2) as backend:
         result = await backend.caption(CaptionRequest("ev-1", synthetic_clip(0), ""))
     assert result.request_id == "ev-1" and result.token_ids == (5, 6, 2)
     assert result.prompt_token_ids == (1, 2, 3) and seen == ["ev-1"]
@@ -175,6 +176,7 @@ async def test_openai_body_sends_exact_frames_and_fps():
      PromptTooLongError),
     (400, "top_p must be in (0, 1]", InvalidRequestError),
     (404, "The model `x` does not exist.", EngineDeadError),
+    (401, "invalid api key", EngineUnavailableError),
     (429, "overloaded", EngineOverloadedError),
     (500, "boom", EngineUnavailableError),
     (501, "nope", EngineRequestFailedError),
@@ -190,9 +192,28 @@ async def test_openai_errors_are_typed(status, message, error):
         with pytest.raises(error, match="ev-3"):
             await backend.caption(CaptionRequest("ev-3", synthetic_clip(0), ""))
     assert len(calls) == (3 if status in (429, 500) else 1)
-    expected_kind = (ErrorKind.DEPENDENCY if status in (429, 500) else
-                     ErrorKind.FATAL if status in (401, 403, 404) else ErrorKind.EVENT)
+    expected_kind = (ErrorKind.DEPENDENCY if status in (401, 429, 500) else
+                     ErrorKind.FATAL if status == 404 else ErrorKind.EVENT)
     assert error(message).kind == expected_kind
+
+
+async def test_openai_refusals_and_overload_say_so_and_retry_after_is_left_to_the_worker():
+    calls = []
+
+    def handler(request):
+        calls.append(request.url.path)
+        if request.url.path.endswith("/models"):
+            return httpx.Response(401, json={"error": {"message": "bad key"}})
+        return httpx.Response(429, headers={"Retry-After": "1"},
+                              json={"error": {"message": "busy"}})
+
+    async with _backend(handler, openai_max_retries=2) as backend:
+        with pytest.raises(EngineOverloadedError) as info:
+            await backend.caption(CaptionRequest("ev-7", synthetic_clip(0), ""))
+        assert await backend.health_state() is DependencyState.MISCONFIGURED
+    # Not slept on inside the client: the worker pauses for the Retry-After instead.
+    assert calls.count("/v1/chat/completions") == 1
+    assert info.value.state is DependencyState.OVERLOADED and info.value.retry_after_s == 1
 
 
 async def test_openai_unreachable_server_is_a_dependency_error_not_the_events():

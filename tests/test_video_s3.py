@@ -22,6 +22,7 @@ from captionflow.config import VideoSettings
 from captionflow.errors import (
     CaptionflowError,
     Dependency,
+    DependencyState,
     ErrorCode,
     ErrorKind,
     ObjectStoreUnavailableError,
@@ -277,6 +278,26 @@ def test_store_answers_map_to_codes(s3_env: None, status: int, code: str,
         store.close()
 
 
+@pytest.mark.parametrize(("status", "code", "state"), [
+    (403, "InvalidAccessKeyId", DependencyState.MISCONFIGURED),
+    (403, "ExpiredToken", DependencyState.MISCONFIGURED),
+    (503, "SlowDown", DependencyState.OVERLOADED),
+    (500, "InternalError", DependencyState.DOWN),
+    (403, "AccessDenied", DependencyState.UP),  # valid keys without s3:ListAllMyBuckets
+])
+async def test_the_store_probe_says_what_the_store_said(s3_env: None, status: int, code: str,
+                                                        state: DependencyState) -> None:
+    """A probe that got a credential refusal is not "up": the gate must not charge a record
+    for a store that refuses every request alike."""
+    store = FailingStore(status, code)
+    try:
+        settings = VideoSettings(allowed_schemes=("s3",), s3_endpoint_url=store.endpoint_url,
+                                 s3_addressing_style="path", s3_max_attempts=1)
+        assert await probe_object_store(settings, timeout_s=3.0) is state
+    finally:
+        store.close()
+
+
 def test_a_store_that_does_not_answer_in_time_is_unavailable(s3_env: None) -> None:
     store = FailingStore(500, "InternalError", stall_s=3.0)
     try:
@@ -316,12 +337,12 @@ async def test_store_down_is_a_dependency_error_and_the_probe_sees_it(
         bucket = server.new_bucket()
         url = upload(server, bucket, "clip.mp4", video_corpus[CLIP].path)
         settings = ranged(server, s3_max_attempts=2, fetch_connect_timeout_s=1.0)
-        assert await probe_object_store(settings, timeout_s=3.0)
+        assert await probe_object_store(settings, timeout_s=3.0) is DependencyState.UP
         video = fetch(url, settings)  # found and probed while the store was up
         assert isinstance(video, S3File)
         index = probe(video, max_duration_s=3600)
         server.stop()
-        assert not await probe_object_store(settings, timeout_s=3.0)
+        assert await probe_object_store(settings, timeout_s=3.0) is DependencyState.DOWN
         # Mid-stream: the decoder's ranged reads (through PyAV's read callback) fail as an
         # outage, not as a bad video.
         with pytest.raises(ObjectStoreUnavailableError) as info:
@@ -334,7 +355,7 @@ async def test_store_down_is_a_dependency_error_and_the_probe_sees_it(
             with pytest.raises(ObjectStoreUnavailableError):
                 fetch(url, reference_settings)
         server.start()
-        assert await probe_object_store(settings, timeout_s=3.0)
+        assert await probe_object_store(settings, timeout_s=3.0) is DependencyState.UP
     finally:
         server.stop()
 

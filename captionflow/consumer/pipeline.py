@@ -20,7 +20,13 @@ from captionflow.cache import CaptionCache, open_cache
 from captionflow.captioning import Attempts, ClipsFn, EventCaption, caption_event
 from captionflow.config import Settings
 from captionflow.consumer.publish import fit_caption
-from captionflow.errors import CaptionflowError, DependencyError, FatalError, InternalError
+from captionflow.errors import (
+    CaptionflowError,
+    DecodeCrashedError,
+    DependencyError,
+    FatalError,
+    InternalError,
+)
 from captionflow.metrics import Metrics
 from captionflow.schemas.codec import dead_letter, decode_video_event, encode, now_rfc3339
 from captionflow.schemas.events import (
@@ -61,8 +67,9 @@ class RecordPipeline:
                  model_name: str, metrics: Metrics, worker_id: str,
                  on_dependency: Callable[[DependencyError], Awaitable[bool]] | None = None,
                  cache: CaptionCache | None | Literal["settings"] = "settings",
-                 ) -> None:
+                 stopping: Callable[[], bool] = lambda: False) -> None:
         self._s = settings
+        self._stopping = stopping
         # The caption cache from settings.cache unless the caller hands one (or None).
         self._cache = open_cache(settings, model=model_name, metrics=metrics) \
             if cache == "settings" else cache
@@ -100,6 +107,16 @@ class RecordPipeline:
             raise
         except asyncio.CancelledError:
             raise
+        except DecodeCrashedError as e:
+            if not self._stopping():
+                return self.dead_letter_output(record, e, event.id if event else None,
+                                               attempts.count)
+            # Stopping is never the record's fault: a decoder that died while the worker
+            # stops (a signal to its whole process group) abandons the record, uncommitted,
+            # for the next owner, as a decoder pool closed at shutdown does.
+            log.warning("%s id=%s: decoder died while the worker stops; left uncommitted",
+                        where(record), event.id if event else None)
+            raise asyncio.CancelledError(str(e)) from None
         except Exception as e:
             error = e if isinstance(e, CaptionflowError) else InternalError(
                 f"unexpected {type(e).__name__}: {e}")

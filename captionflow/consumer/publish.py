@@ -11,12 +11,18 @@ dead letter. Dead-letter events are bounded when built (payload prefix, key, mes
 from __future__ import annotations
 
 from aiokafka import AIOKafkaProducer
+from aiokafka import errors as kerr
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
 from aiokafka.structs import RecordMetadata
 
 from captionflow.config import KafkaSettings
-from captionflow.errors import BrokerUnavailableError, OutputTooLargeError, PublishFailedError
-from captionflow.kafka import start_producer
+from captionflow.errors import (
+    BrokerUnavailableError,
+    CaptionflowError,
+    OutputTooLargeError,
+    PublishFailedError,
+)
+from captionflow.kafka import refusal, start_producer
 from captionflow.schemas.codec import encode
 from captionflow.schemas.events import CaptionEvent
 
@@ -72,6 +78,28 @@ def fit_caption(event: CaptionEvent, key: str, max_bytes: int) -> tuple[bytes, l
     return value, dropped
 
 
+def publish_error(e: KafkaError, topic: str, key: str) -> CaptionflowError:
+    """What a failed send means for the worker, by what the cluster said.
+
+    An unknown topic is fatal ``publish_failed`` (aiokafka calls it retriable, but the
+    start-up check found the topic, so it was deleted: waiting would stall every partition
+    with nothing to show why). A send that timed out with its batch still queued
+    (``KafkaTimeoutError``) is a broker outage; so is any other retriable error. A refusal
+    of the worker's credentials or ACLs is an outage whose fix is a setting."""
+    what = f"{topic}: record for event {key}"
+    if isinstance(e, kerr.UnknownTopicOrPartitionError):
+        return PublishFailedError(
+            f"{what}: the topic does not exist ({e!r}); create it or fix topics.output / "
+            "topics.dead_letter")
+    refused = refusal(e, what)
+    if refused is not None:
+        return refused
+    if e.retriable or isinstance(e, kerr.KafkaTimeoutError):
+        return BrokerUnavailableError(f"{what} not acknowledged: {e!r}")
+    return PublishFailedError(
+        f"{what} refused: {e!r}; check the topic exists and this client may write to it")
+
+
 class OutputPublisher:
     def __init__(self, kafka: KafkaSettings) -> None:
         self._kafka = kafka
@@ -95,12 +123,7 @@ class OutputPublisher:
                 f"{topic}: record for event {key} ({len(value)} bytes) refused as too "
                 f"large: {e!r}") from e
         except KafkaError as e:
-            if e.retriable:
-                raise BrokerUnavailableError(
-                    f"{topic}: record for event {key} not acknowledged: {e!r}") from e
-            raise PublishFailedError(
-                f"{topic}: record for event {key} refused: {e!r}; check the topic exists "
-                "and this client may write to it") from e
+            raise publish_error(e, topic, key) from e
 
     async def close(self) -> None:
         if self._producer is not None:

@@ -19,12 +19,28 @@ from captionflow.config import Settings
 from captionflow.consumer.dependencies import DependencyGate
 from captionflow.consumer.guard import PoisonGuard
 from captionflow.consumer.health import HealthState
-from captionflow.errors import Dependency, EngineStalledError, ErrorCode, FatalError
+from captionflow.errors import (
+    Dependency,
+    DependencyState,
+    EngineStalledError,
+    ErrorCode,
+    FatalError,
+    PublishFailedError,
+)
 from captionflow.metrics import Metrics
 from captionflow.serving.base import CaptionBackend
 from captionflow.video.s3 import probe_object_store
 
 INTERVAL_S = 1.0
+# What to fix when a dependency refuses this worker's own settings.
+SETTINGS_TO_FIX = {
+    Dependency.OBJECT_STORE: "check the worker's AWS credentials (AWS_ACCESS_KEY_ID/"
+                             "AWS_SECRET_ACCESS_KEY, video.s3_profile or its role) and "
+                             "video.s3_endpoint_url",
+    Dependency.ENGINE: "check serving.openai_api_key and serving.openai_base_url",
+    Dependency.BROKER: "check kafka.sasl_username/kafka.sasl_password and the ACLs of "
+                       "topics.input, topics.output and topics.dead_letter",
+}
 
 
 class ReadinessWatch:
@@ -41,6 +57,8 @@ class ReadinessWatch:
         self._fail = fail
         self._fatal = fatal
         self._stopping = stopping
+        self._was_down: dict[Dependency, bool] = {}
+        self._missing_seen = 0
         w = settings.worker
         self.gate = DependencyGate(
             {Dependency.ENGINE: self._probe_engine, Dependency.BROKER: self._probe_broker,
@@ -49,32 +67,64 @@ class ReadinessWatch:
             probe_timeout_s=w.probe_timeout_s, backoff_initial_ms=w.probe_backoff_initial_ms,
             backoff_max_ms=w.probe_backoff_max_ms, on_change=self._changed)
 
-    async def _probe_engine(self) -> bool:
+    async def _probe_engine(self) -> DependencyState:
         if self._backend.progress.stalled_for_s() >= self._s.worker.engine_stall_s:
-            return False
-        return await self._backend.healthy()
+            return DependencyState.DOWN
+        return await self._backend.health_state()
 
     async def _probe_broker(self) -> bool:
         """A real metadata request (``topics()`` asks the cluster each call): aiokafka's
         cached broker list never empties, so it cannot tell a dead cluster from a live one."""
         try:
-            await self._consumer.topics()
+            existing = await self._consumer.topics()
         except (KafkaError, OSError):
             return False
+        self._check_output_topics(set(existing))
         return True
 
-    def _changed(self, dependency: str, up: bool, reason: str) -> None:
+    def _check_output_topics(self, existing: set[str]) -> None:
+        """An output topic gone from the cluster's metadata (deleted, after the start-up
+        check found it) is fatal ``publish_failed``: nothing could be published, and waiting
+        would stall every partition silently. Two probes in a row decide, so a broker that
+        has not yet learned the topic cannot stop the worker."""
+        t = self._s.topics
+        missing = [(name, setting) for name, setting in
+                   ((t.output, "topics.output"), (t.dead_letter, "topics.dead_letter"))
+                   if name not in existing]
+        if not missing:
+            self._missing_seen = 0
+            return
+        self._missing_seen += 1
+        if self._missing_seen >= 2:
+            names = ", ".join(f"{setting}={name!r}" for name, setting in missing)
+            self._fail(PublishFailedError(
+                f"the output topic(s) {names} no longer exist on Kafka at "
+                f"{self._s.kafka.bootstrap_servers}; create them (captionflow topics) or "
+                "point the settings at existing topics"))
+
+    def _changed(self, dependency: Dependency, up: bool, reason: str) -> None:
         self._metrics.dependency_up.labels(str(dependency)).set(1 if up else 0)
-        if not up:
+        misconfigured = self.gate.state(dependency) is DependencyState.MISCONFIGURED
+        self._metrics.dependency_misconfigured.labels(str(dependency)).set(
+            1 if misconfigured else 0)
+        if not up and not self._was_down.get(dependency):
             self._metrics.dependency_outages.labels(str(dependency)).inc()
+        self._was_down[dependency] = not up
         self.update()
+
+    def _down_reason(self, dependency: Dependency, why: str) -> str:
+        state = self.gate.state(dependency)
+        if state is DependencyState.MISCONFIGURED:
+            return f"{dependency} refuses this worker's settings: {why}; " \
+                   f"{SETTINGS_TO_FIX[dependency]}"
+        return f"{dependency} {state}: {why}"
 
     def update(self) -> None:
         fatal = self._fatal()
         reason = ("stopping" if self._stopping() else
                   f"fatal: {fatal}" if fatal is not None else
                   self._guard.describe() or
-                  "; ".join(f"{dep} down: {why}" for dep, why in self.gate.down().items())
+                  "; ".join(self._down_reason(dep, why) for dep, why in self.gate.down().items())
                   or "ready")
         ready = reason == "ready"
         self._health.ready = ready

@@ -42,7 +42,7 @@ from captionflow.errors import (
     FatalError,
     OutputTooLargeError,
 )
-from captionflow.kafka import make_consumer, start_client
+from captionflow.kafka import check_topics, make_consumer, refusal, start_client
 from captionflow.metrics import Metrics
 from captionflow.serving.base import CaptionBackend
 from captionflow.video.source import FrameSource
@@ -123,6 +123,10 @@ class Worker:
             stack.callback(self._http.close)
             log.info("%s on http://%s:%d", "metrics and health" if s.metrics.enabled else
                      "health (metrics.enabled=false)", s.metrics.host, self._http.port)
+            # Before the engine: a topic that does not exist is found in a second.
+            await check_topics(s.kafka, {"topics.input": s.topics.input,
+                                         "topics.output": s.topics.output,
+                                         "topics.dead_letter": s.topics.dead_letter})
             # Before the engine: a GPU decode device that cannot be opened is found in a
             # second, not after minutes of loading weights.
             frames = self.frames = FrameSource(s.video)
@@ -167,7 +171,8 @@ class Worker:
             self._pipeline = RecordPipeline(
                 s, clips=timed_clips(frames, self.metrics), caption=batcher.submit,
                 model_name=model,
-                metrics=self.metrics, worker_id=self.worker_id, on_dependency=gate.report)
+                metrics=self.metrics, worker_id=self.worker_id, on_dependency=gate.report,
+                stopping=self._stopping.is_set)
             self._rebalance = RebalanceHandler(
                 on_assigned=self._assigned, on_revoked=self._revoked, on_lost=self._lost,
                 is_lost=self._membership_lost, metrics=self.metrics)
@@ -216,6 +221,15 @@ class Worker:
                 batches = await consumer.getmany(timeout_ms=w.poll_timeout_ms,
                                                  max_records=budget)
             except KafkaError as e:
+                refused = refusal(e, "polling")
+                if refused is not None:  # waits, not ready, for as long as it is refused
+                    assert self._gate is not None
+                    waits = {asyncio.ensure_future(self._gate.report(refused)),
+                             asyncio.ensure_future(self._stopping.wait())}
+                    _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                    for task in pending:
+                        task.cancel()
+                    continue
                 log.warning("poll failed: %r; retrying", e)
                 await asyncio.sleep(w.poll_timeout_ms / 1000)
                 continue

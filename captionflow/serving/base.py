@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from captionflow.errors import EngineTimeoutError
+from captionflow.errors import DependencyState, EngineTimeoutError
 from captionflow.video.clip import Clip
 
 # Per-request sampling overrides a caller may set; anything else is an invalid request.
@@ -130,6 +130,11 @@ class CaptionBackend(abc.ABC):
     async def healthy(self) -> bool:
         """Whether the backend answers now (the worker's readiness probe and the probe that
         ends an engine outage). May send a tiny request; callers bound it with a timeout."""
+
+    async def health_state(self) -> DependencyState:
+        """What the backend says to a probe: up, down, or, where it can tell, overloaded
+        or misconfigured (a remote server refusing this worker's key)."""
+        return DependencyState.UP if await self.healthy() else DependencyState.DOWN
 
     @abc.abstractmethod
     def model_info(self) -> dict[str, Any]:

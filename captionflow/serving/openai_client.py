@@ -7,11 +7,15 @@ per-request ``media_io_kwargs``), the transport whose greedy tokens were checked
 the in-process engine's against a real vLLM 0.32 server. The server never fetches a video
 itself: that would bypass the worker's fetch guards and sampling. vLLM 0.32 refuses per-request
 ``media_io_kwargs`` unless the server runs with ``--trust-request-mm-kwargs``; that refusal
-is a fatal configuration error here, saying so. Retries with exponential backoff on 429, 5xx and
-connection errors; concurrency is bounded; every error ends as a typed captionflow error.
-A server that is unreachable, restarting (5xx, 503) or overloaded (429) raises a dependency
-error once the retries are spent: the worker then pauses and probes ``/models`` until the
-server answers, so a restart of the server never turns the backlog into dead letters.
+is a fatal configuration error here, saying so. One call is one POST by default: the
+worker's retry layer (``worker.max_attempts``, with the dependency gate) retries it, and
+``serving.openai_max_retries`` adds jittered retries inside one attempt for 5xx and
+connection errors (docs/errors.md gives the total). Concurrency is bounded; every error
+ends as a typed captionflow error. A server that is unreachable or restarting (5xx, 503)
+raises a dependency error; one that is overloaded (429, its Retry-After capped by
+``serving.retry_after_max_s``) or refuses this worker's key (401/403) raises one that the
+worker never charges to the record: it pauses and probes ``/models`` until the server
+answers, so neither a restart nor an overload turns the backlog into dead letters.
 An event's images go before the video as lossless PNG ``image_url`` data URLs (the server's
 ``--limit-mm-per-prompt`` must allow them).
 """
@@ -22,6 +26,7 @@ import asyncio
 import base64
 import io
 import logging
+import random
 import time
 from typing import Any
 
@@ -31,6 +36,7 @@ import numpy as np
 from captionflow.config import ServingSettings
 from captionflow.errors import (
     CaptionflowError,
+    DependencyState,
     EngineDeadError,
     EngineOverloadedError,
     EngineRequestFailedError,
@@ -47,7 +53,9 @@ from captionflow.video.clip import Clip
 log = logging.getLogger(__name__)
 
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-_FATAL_STATUS = frozenset({401, 403, 404})
+_REFUSED_STATUS = frozenset({401, 403})
+_STATE_BY_STATUS = {200: DependencyState.UP, 429: DependencyState.OVERLOADED,
+                    401: DependencyState.MISCONFIGURED, 403: DependencyState.MISCONFIGURED}
 _TOO_LONG_MARKERS = ("maximum model length", "maximum context length", "too long")
 # vLLM 0.32's answer when the server was started without --trust-request-mm-kwargs.
 _UNTRUSTED_MM_KWARGS_MARKER = "--trust-request-mm-kwargs"
@@ -107,13 +115,18 @@ class OpenAIBackend(CaptionBackend):
             await client.aclose()
 
     async def healthy(self) -> bool:
+        return await self.health_state() is DependencyState.UP
+
+    async def health_state(self) -> DependencyState:
+        """``GET /models``: 200 up, 429 overloaded, 401/403 misconfigured (the server
+        refuses serving.openai_api_key), anything else down."""
         if self._http is None:
-            return False
+            return DependencyState.DOWN
         try:
             response = await self._http.get("models", timeout=5.0)
         except httpx.HTTPError:
-            return False
-        return response.status_code == 200
+            return DependencyState.DOWN
+        return _STATE_BY_STATUS.get(response.status_code, DependencyState.DOWN)
 
     def model_info(self) -> dict[str, Any]:
         return {"model": self.model_name, "backend": self.name,
@@ -208,7 +221,9 @@ class OpenAIBackend(CaptionBackend):
             if response.status_code == 200:
                 return response.json()
             last = self._status_error(request_id, response)
-            if response.status_code not in _RETRY_STATUS:
+            if response.status_code not in _RETRY_STATUS or \
+                    getattr(last, "retry_after_s", None) is not None:
+                # A Retry-After is the worker's to honour (it pauses for it), not ours.
                 raise last
             log.warning("request %s: %s answered %d (attempt %d/%d)", request_id,
                         self.settings.openai_base_url, response.status_code, attempt + 1,
@@ -219,7 +234,8 @@ class OpenAIBackend(CaptionBackend):
     def _backoff_s(self, attempt: int, last: CaptionflowError | None) -> float:
         base_s = self.settings.openai_retry_backoff_ms / 1000.0
         retry_after = getattr(last, "retry_after_s", None)
-        delay = base_s * (2 ** (attempt - 1))
+        # Jittered, so workers that failed together do not retry together.
+        delay = base_s * (2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
         return max(delay, retry_after) if retry_after is not None else delay
 
     def _status_error(self, request_id: str, response: httpx.Response) -> CaptionflowError:
@@ -233,7 +249,13 @@ class OpenAIBackend(CaptionBackend):
                 # A hostile or confused server must not park the worker for hours.
                 hint = min(float(retry_after), self.settings.retry_after_max_s)
             return EngineOverloadedError(f"{where} (overloaded): {detail}", retry_after_s=hint)
-        if status in _FATAL_STATUS:
+        if status in _REFUSED_STATUS:
+            # Every request would be refused alike: the worker's settings, not the record.
+            return EngineUnavailableError(
+                f"{where}: {detail} - the server refuses this worker: check "
+                "serving.openai_api_key and serving.openai_base_url",
+                state=DependencyState.MISCONFIGURED)
+        if status == 404:
             return EngineDeadError(
                 f"{where}: {detail} - check serving.openai_base_url, serving.openai_api_key and "
                 f"serving.served_model_name (sent model={self.model_name!r})")

@@ -16,7 +16,11 @@ Frames come back through shared memory: the child decodes straight into a ``memf
 descriptor over the pipe (``SCM_RIGHTS``); the parent maps it and wraps it in a numpy
 array without copying. The memory is freed when that array is.
 
-A child that dies (signal, ``os._exit``: its end of the socket closes), runs past ``video.decode_timeout_s``, or whose
+Signals are the worker's to handle: each child runs in its own process group (a signal to
+the worker's group does not reach it) and ignores SIGINT and SIGTERM besides; it exits when
+the worker closes its end of the socket, or dies.
+A child that dies (signal, ``os._exit``: its end of the socket closes), runs past
+``video.decode_timeout_s``, or whose
 task is cancelled (a sibling window failed, shutdown) is killed and dropped; its task fails
 with ``decode_crashed`` / ``decode_timeout`` / the cancellation, and the next task starts a
 fresh child. ``close`` kills every child at once: it never waits on a stuck decode.
@@ -74,8 +78,12 @@ _START_TIMEOUT_S = 120.0
 
 
 def child_main(conn: Connection, memory_limit_bytes: int, device: str = "cpu") -> None:
-    # Ctrl-C reaches the whole process group; the parent decides when children stop.
+    # Ctrl-C, and a SIGTERM sent to the whole process group (systemd's default
+    # KillMode=control-group, `tini -g`, `kill -TERM -PGID`), reach the children too; the
+    # worker decides when they stop: it drains, then closes the pool (SIGKILL), and a
+    # child whose parent died sees its socket close and exits.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if memory_limit_bytes:
         resource.setrlimit(_limit_resource(device), (memory_limit_bytes, memory_limit_bytes))
     device_error = None
@@ -279,7 +287,11 @@ class DecodePool:
             process = subprocess.Popen(
                 [sys.executable, "-m", "captionflow.video.decoder_process", str(theirs.fileno()),
                  str(self._limit), self._device],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                # Its own process group from the first instruction: a signal sent to the
+                # worker's group cannot kill a child still starting, before child_main
+                # ignores SIGTERM and SIGINT.
+                process_group=0)
         finally:
             theirs.close()
         self.started += 1

@@ -37,6 +37,7 @@ from typing import Any
 from captionflow.config import VideoSettings
 from captionflow.errors import (
     CaptionflowError,
+    DependencyState,
     FetchFailedError,
     FetchTimeoutError,
     InvalidRequestError,
@@ -56,9 +57,9 @@ _FORBIDDEN = frozenset({"AccessDenied", "Forbidden", "403", "AllAccessDisabled",
 # store dependency that is unusable, not the record.
 _CREDENTIALS = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
                           "InvalidToken", "TokenRefreshRequired", "RequestTimeTooSkewed"})
-_THROTTLED = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
-                        "TooManyRequests", "RequestTimeout", "InternalError",
-                        "ServiceUnavailable"})
+_SLOW_DOWN = frozenset({"SlowDown", "Throttling", "ThrottlingException",
+                        "RequestLimitExceeded", "TooManyRequests"})
+_THROTTLED = _SLOW_DOWN | {"RequestTimeout", "InternalError", "ServiceUnavailable"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +160,8 @@ def store_error(e: Exception, what: str) -> CaptionflowError:
         if code in _CREDENTIALS:
             return ObjectStoreUnavailableError(
                 f"{detail}; the store refuses the worker's credentials: check "
-                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, the profile or the role")
+                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, the profile or the role",
+                state=DependencyState.MISCONFIGURED)
         if code in _NOT_FOUND or status == 404:
             return VideoNotFoundError(f"{detail}; check the bucket and key")
         if code in _FORBIDDEN or status == 403:
@@ -168,13 +170,17 @@ def store_error(e: Exception, what: str) -> CaptionflowError:
                 "(docs/storage.md)")
         if code == "PreconditionFailed" or status == 412:
             return FetchFailedError(f"{detail}; the object changed while it was read")
-        if code in _THROTTLED or status >= 500 or status == 429:
-            return ObjectStoreUnavailableError(f"{detail}; the store is throttling or failing")
+        if code in _SLOW_DOWN or status in (429, 503):
+            return ObjectStoreUnavailableError(f"{detail}; the store is throttling",
+                                               state=DependencyState.OVERLOADED)
+        if code in _THROTTLED or status >= 500:
+            return ObjectStoreUnavailableError(f"{detail}; the store is failing")
         return FetchFailedError(detail, retriable=False)
     if isinstance(e, NoCredentialsError | PartialCredentialsError):
         return ObjectStoreUnavailableError(
             f"{what}: no usable AWS credentials ({e}); set AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY, a profile, or give the worker a role")
+            "AWS_SECRET_ACCESS_KEY, a profile, or give the worker a role",
+            state=DependencyState.MISCONFIGURED)
     if isinstance(e, BotoCoreError | OSError):
         return ObjectStoreUnavailableError(f"{what}: the store does not answer ({e})")
     return ObjectStoreUnavailableError(f"{what}: {type(e).__name__}: {e}")
@@ -362,8 +368,8 @@ def content_type(bucket: str, key: str, settings: VideoSettings) -> str:
     return str(head.get("ContentType") or "")
 
 
-def _answers(settings: VideoSettings, timeout_s: float) -> bool:
-    from botocore.exceptions import ClientError
+def _answers(settings: VideoSettings, timeout_s: float) -> DependencyState:
+    from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
 
     base = S3Config.from_settings(settings)
     config = S3Config(endpoint_url=base.endpoint_url, region=base.region,
@@ -372,22 +378,25 @@ def _answers(settings: VideoSettings, timeout_s: float) -> bool:
                       read_timeout_s=timeout_s, max_attempts=1)
     try:
         client_for(config).list_buckets()
-    except ClientError as e:
-        # Any answer but throttling or a server failure means the store is up: a refusal
-        # (no s3:ListAllMyBuckets, even of the credentials) is still an answer.
-        code = str(e.response.get("Error", {}).get("Code", ""))
-        status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-        return not (code in _THROTTLED or status >= 500 or status == 429)
+    except (ClientError, NoCredentialsError, PartialCredentialsError) as e:
+        # The probe's answer is what a record's request would get: refused credentials are
+        # "misconfigured", throttling "overloaded", a server failure "down". Any other
+        # refusal (no s3:ListAllMyBuckets for valid credentials) means the store is up.
+        error = store_error(e, "probing the object store")
+        if isinstance(error, ObjectStoreUnavailableError):
+            return error.state
+        return DependencyState.UP
     except Exception:
-        return False
-    return True
+        return DependencyState.DOWN
+    return DependencyState.UP
 
 
-async def probe_object_store(settings: VideoSettings, *, timeout_s: float = 5.0) -> bool:
-    """Whether the configured store answers a cheap signed request within ``timeout_s``
-    (for the worker's dependency probe after an :class:`ObjectStoreUnavailableError`)."""
+async def probe_object_store(settings: VideoSettings, *, timeout_s: float = 5.0
+                             ) -> DependencyState:
+    """What the configured store says to a cheap signed request within ``timeout_s`` (the
+    worker's dependency probe after an :class:`ObjectStoreUnavailableError`)."""
     try:
         return await asyncio.wait_for(asyncio.to_thread(_answers, settings, timeout_s),
                                       timeout_s + 1.0)
     except TimeoutError:
-        return False
+        return DependencyState.DOWN
