@@ -279,9 +279,17 @@ class ServingSettings(_Section):
 
 class WorkerSettings(_Section):
     group_id: str = "captionflow-workers"
+    # Static group membership (Kafka's group.instance.id): a worker restarted with the same
+    # id within session_timeout_ms takes its partitions back without a rebalance of the
+    # others. Unique per live worker (the pod name); unset: dynamic membership.
+    group_instance_id: str | None = Field(None, min_length=1, max_length=249)
     max_batch_size: int = Field(8, ge=1)
     max_wait_ms: int = Field(50, ge=0)
+    # Requests inside the engine at once (running + queued there); unset: sized from the
+    # engine (captionflow.consumer.sizing): its running capacity plus one micro-batch.
+    max_in_engine: int | None = Field(None, ge=1)
     # Pause partitions above the high watermark of in-flight events, resume below the low.
+    # Left unset, both are sized from the engine so that it never runs dry (sizing.py).
     max_in_flight: int = Field(32, ge=1)
     resume_in_flight: int = Field(16, ge=0)
     commit_interval_ms: int = Field(1000, ge=10)
@@ -291,7 +299,10 @@ class WorkerSettings(_Section):
     retry_backoff_ms: int = Field(200, ge=0)
     retry_backoff_max_ms: int = Field(5000, ge=0)
     shutdown_grace_s: float = Field(25.0, gt=0)
-    revoke_grace_s: float = Field(10.0, gt=0)
+    # On revoke, how long to wait for the revoked partitions' in-flight events before
+    # rejoining (0: rejoin at once). Unfinished work keeps running either way and is kept
+    # if its partition comes back; only partitions that moved are cancelled.
+    revoke_grace_s: float = Field(0.0, ge=0)
     session_timeout_ms: int = Field(10_000, gt=0)
     heartbeat_interval_ms: int = Field(3_000, gt=0)
     max_poll_interval_ms: int = Field(300_000, gt=0)

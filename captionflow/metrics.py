@@ -77,7 +77,10 @@ class Metrics:
             "Extra engine requests made by the quality gate, by the status that caused them.",
             ["status"], registry=r)
         self.rebalances = Counter(
-            "captionflow_rebalances_total", "Partition changes, by kind (assigned, revoked, lost).",
+            "captionflow_rebalances_total",
+            "Partition changes, by kind: assigned, revoked, lost; after a revoke, kept (some "
+            "partitions came back, their work went on) and moved (some went to another member, "
+            "their unfinished work was cancelled).",
             ["kind"], registry=r)
         self.commits = Counter(
             "captionflow_commits_total", "Offset commits, by result (ok, failed).", ["result"],
@@ -118,7 +121,7 @@ class Metrics:
             self.captions.labels(status)
         for status in sorted(REGENERATE):
             self.caption_regenerations.labels(status)
-        for kind in ("assigned", "revoked", "lost"):
+        for kind in ("assigned", "revoked", "lost", "kept", "moved"):
             self.rebalances.labels(kind)
         for result in ("ok", "failed"):
             self.commits.labels(result)

@@ -106,6 +106,8 @@ async def test_rebalance_revoke_lost_and_callback_errors() -> None:
 
     handler = RebalanceHandler(
         on_assigned=lambda tps: calls.append(("assigned", tps)), on_revoked=revoked,
+        on_kept=lambda tps: calls.append(("kept", tps)),
+        on_moved=lambda tps: calls.append(("moved", tps)),
         on_lost=lambda tps: calls.append(("lost", tps)), is_lost=lambda: lost,
         metrics=Metrics.fresh())
     await handler.on_partitions_assigned({TP})
@@ -114,17 +116,77 @@ async def test_rebalance_revoke_lost_and_callback_errors() -> None:
     await handler.on_partitions_revoked({TP})
     await handler.on_partitions_revoked(set())
     assert calls == [("assigned", {TP}), ("revoked", {TP}), ("lost", {TP})]
-    assert handler.error is None
+    assert handler.error is None and handler.pending() == set()
 
     async def failing(tps: set) -> None:
         raise RuntimeError("commit exploded")
 
     bad = RebalanceHandler(on_assigned=lambda tps: None, on_revoked=failing,
+                           on_kept=lambda tps: None, on_moved=lambda tps: None,
                            on_lost=lambda tps: None, is_lost=lambda: False,
                            metrics=Metrics.fresh())
     await bad.on_partitions_revoked({TP})
     assert isinstance(bad.error, RebalanceFailedError)
     assert bad.error.code is ErrorCode.REBALANCE_FAILED and "commit exploded" in bad.error.message
+
+
+async def test_rebalance_keeps_partitions_that_come_back_and_cancels_those_that_moved(
+) -> None:
+    """Eager protocol: a revoke of everything, then an assignment of some of it. Work on a
+    partition that came back waits (unpublished) only until the assignment and goes on;
+    work on one that moved is cancelled while it waits, so it never publishes."""
+    other = TopicPartition("t", 1)
+    calls: list[tuple[str, set]] = []
+    waiters: dict[TopicPartition, asyncio.Task[None]] = {}
+
+    async def revoked(tps: set) -> None:
+        calls.append(("revoked", tps))
+
+    def moved(tps: set) -> None:
+        calls.append(("moved", tps))
+        for tp in tps:
+            waiters[tp].cancel()
+
+    metrics = Metrics.fresh()
+    handler = RebalanceHandler(
+        on_assigned=lambda tps: calls.append(("assigned", tps)), on_revoked=revoked,
+        on_kept=lambda tps: calls.append(("kept", tps)), on_moved=moved,
+        on_lost=lambda tps: calls.append(("lost", tps)), is_lost=lambda: False,
+        metrics=metrics)
+    await handler.on_partitions_assigned({TP, other})
+    await asyncio.wait_for(handler.settled(TP), 1)  # nothing pending: no wait
+    await handler.on_partitions_revoked({TP, other})
+    assert handler.pending() == {TP, other}
+    waiters = {tp: asyncio.create_task(handler.settled(tp)) for tp in (TP, other)}
+    await asyncio.sleep(0.01)
+    assert not any(w.done() for w in waiters.values()), "publishing waits for the assignment"
+    await handler.on_partitions_assigned({TP})
+    await asyncio.wait_for(waiters[TP], 1)
+    assert waiters[other].cancelled()
+    assert calls[1:] == [("revoked", {TP, other}), ("moved", {other}), ("kept", {TP}),
+                         ("assigned", {TP})]
+    assert handler.pending() == set() and handler.error is None
+    assert metrics.rebalances.labels("kept")._value.get() == 1
+    assert metrics.rebalances.labels("moved")._value.get() == 1
+
+
+def test_tracker_suspends_commits_of_revoked_partitions_and_skips_redelivered_offsets(
+) -> None:
+    t = OffsetTracker()
+    other = TopicPartition("t", 1)
+    t.assign([TP, other])
+    assert t.add(TP, 0) and t.add(TP, 1) and t.add(other, 7)
+    t.done(TP, 0)
+    t.suspend([TP, other])
+    assert t.pending_commits() == {}, "a revoked partition is committed only explicitly"
+    assert t.pending_commits([TP]) == {TP: 1}, "the revoke's own commit still sees it"
+    t.reinstate([TP])
+    assert t.pending_commits() == {TP: 1}
+    # The consumer hands a kept partition's records out again from the committed offset.
+    assert not t.add(TP, 0) and not t.add(TP, 1), "done or in flight: not spawned twice"
+    assert t.add(TP, 2) and t.next_offset(TP) == 3
+    t.drop([other])
+    assert t.suspended() == set() and t.next_offset(other) is None
 
 
 def test_health_endpoints_over_real_http() -> None:

@@ -23,13 +23,16 @@ class PartitionOffsets:
         self._next: int | None = None  # one past the highest consumed offset
         self.committed: int | None = None
 
-    def add(self, offset: int) -> None:
-        if offset in self._in_flight:
-            return
+    def add(self, offset: int) -> bool:
+        """Track a consumed record; False if it was consumed already (in flight, or below
+        the highest consumed offset and so finished): the consumer may hand a kept
+        partition's records out again after a rebalance."""
+        if offset in self._in_flight or (self._next is not None and offset < self._next):
+            return False
         self._in_flight.add(offset)
         heapq.heappush(self._heap, offset)
-        if self._next is None or offset >= self._next:
-            self._next = offset + 1
+        self._next = offset + 1
+        return True
 
     def done(self, offset: int) -> None:
         self._in_flight.discard(offset)
@@ -39,6 +42,11 @@ class PartitionOffsets:
     @property
     def in_flight(self) -> int:
         return len(self._in_flight)
+
+    @property
+    def next_offset(self) -> int | None:
+        """One past the highest consumed offset: where fetching resumes."""
+        return self._next
 
     def commit_point(self) -> int | None:
         """The offset to commit (the next record to read after a restart), or None."""
@@ -54,10 +62,15 @@ class PartitionOffsets:
 
 
 class OffsetTracker:
-    """Per-partition bookkeeping for every assigned partition."""
+    """Per-partition bookkeeping for every assigned partition.
+
+    A *suspended* partition was revoked and may come back with the next assignment: its
+    work goes on, but only an explicit commit (the revoke's own, in the old generation)
+    may include it, so nothing is committed for it while another member may own it."""
 
     def __init__(self) -> None:
         self._parts: dict[TopicPartition, PartitionOffsets] = {}
+        self._suspended: set[TopicPartition] = set()
 
     def assign(self, tps: Iterable[TopicPartition]) -> None:
         for tp in tps:
@@ -66,6 +79,20 @@ class OffsetTracker:
     def drop(self, tps: Iterable[TopicPartition]) -> None:
         for tp in tps:
             self._parts.pop(tp, None)
+            self._suspended.discard(tp)
+
+    def suspend(self, tps: Iterable[TopicPartition]) -> None:
+        self._suspended.update(tp for tp in tps if tp in self._parts)
+
+    def reinstate(self, tps: Iterable[TopicPartition]) -> None:
+        self._suspended.difference_update(tps)
+
+    def suspended(self) -> set[TopicPartition]:
+        return set(self._suspended)
+
+    def next_offset(self, tp: TopicPartition) -> int | None:
+        part = self._parts.get(tp)
+        return None if part is None else part.next_offset
 
     def owns(self, tp: TopicPartition) -> bool:
         return tp in self._parts
@@ -73,8 +100,9 @@ class OffsetTracker:
     def partitions(self) -> list[TopicPartition]:
         return list(self._parts)
 
-    def add(self, tp: TopicPartition, offset: int) -> None:
-        self._parts[tp].add(offset)
+    def add(self, tp: TopicPartition, offset: int) -> bool:
+        """Track a consumed record; False if this partition already had it."""
+        return self._parts[tp].add(offset)
 
     def done(self, tp: TopicPartition, offset: int) -> bool:
         """Mark a record finished; False if its partition is no longer ours."""
@@ -91,8 +119,9 @@ class OffsetTracker:
 
     def pending_commits(self, tps: Iterable[TopicPartition] | None = None,
                         ) -> dict[TopicPartition, int]:
-        chosen = self._parts if tps is None else {tp: self._parts[tp] for tp in tps
-                                                  if tp in self._parts}
+        """Commit points that moved; without ``tps``, of every partition not suspended."""
+        chosen = {tp: p for tp, p in self._parts.items() if tp not in self._suspended} \
+            if tps is None else {tp: self._parts[tp] for tp in tps if tp in self._parts}
         return {tp: point for tp, p in chosen.items()
                 if (point := p.pending_commit()) is not None}
 

@@ -167,8 +167,9 @@ class Worker:
                 model_name=model,
                 metrics=self.metrics, worker_id=self.worker_id, on_dependency=gate.report)
             self._rebalance = RebalanceHandler(
-                on_assigned=self._assigned, on_revoked=self._revoked, on_lost=self._lost,
-                is_lost=self._membership_lost, metrics=self.metrics)
+                on_assigned=self._assigned, on_revoked=self._revoked, on_kept=self._kept,
+                on_moved=self._lost, on_lost=self._lost, is_lost=self._membership_lost,
+                metrics=self.metrics)
             consumer.subscribe([s.topics.input], listener=self._rebalance)
             await start_client(consumer, s.kafka, role="worker consumer")
             stack.push_async_callback(consumer.stop)
@@ -240,7 +241,8 @@ class Worker:
         self.metrics.last_progress.set(time.time())
 
     def _spawn(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
-        self._tracker.add(tp, record.offset)
+        if not self._tracker.add(tp, record.offset):
+            return  # a kept partition's record that is already in flight or done
         self.metrics.events_consumed.labels(record.topic).inc()
         self.metrics.in_flight.set(self._tracker.in_flight())
         task = asyncio.create_task(self._handle(tp, record, time.monotonic()),
@@ -258,6 +260,9 @@ class Worker:
                         where(record), output.event_id, output.error_code)
             self._held.add(asyncio.current_task())
             await asyncio.Event().wait()
+        assert self._rebalance is not None
+        # Only the partition's owner after a rebalance publishes (rebalance.py).
+        await self._rebalance.settled(tp)
         started = time.monotonic()
         await self._publish(record, output)
         now = time.monotonic()
@@ -344,20 +349,25 @@ class Worker:
         self.metrics.assigned_partitions.set(len(self._tracker.partitions()))
 
     async def _revoked(self, tps: set[TopicPartition]) -> None:
+        """Commit what finished, in the generation that still owns ``tps``; unfinished work
+        goes on and is kept or cancelled once the next assignment is known (rebalance.py)."""
         assert self._committer is not None
-        tasks = set().union(*(self._tasks.get(tp, set()) for tp in tps))
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=self.settings.worker.revoke_grace_s)
-            for task in pending:
-                # Uncommitted, so the next owner redelivers them; cancelling also aborts
-                # their engine requests, which would otherwise hold engine slots.
-                task.cancel()
-            if pending:
-                log.warning("revoke: %d events unfinished after %.0f s; left to the next owner",
-                            len(pending), self.settings.worker.revoke_grace_s)
-                await asyncio.gather(*pending, return_exceptions=True)
+        tasks = set().union(*(self._tasks.get(tp, set()) for tp in tps)) - self._held
+        grace_s = self.settings.worker.revoke_grace_s
+        if tasks and grace_s > 0:
+            await asyncio.wait(tasks, timeout=grace_s)
+        self._tracker.suspend(tps)
         await self._committer.commit(tps, raise_errors=True)
-        self._forget(tps)
+
+    def _kept(self, tps: set[TopicPartition]) -> None:
+        """A revoked partition came back: commits resume, and fetching resumes after the
+        last record consumed (the consumer would restart from the committed offset)."""
+        assert self._consumer is not None
+        self._tracker.reinstate(tps)
+        for tp in tps:
+            next_offset = self._tracker.next_offset(tp)
+            if next_offset is not None:
+                self._consumer.seek(tp, next_offset)
 
     def _lost(self, tps: set[TopicPartition]) -> None:
         for tp in tps:
@@ -385,6 +395,11 @@ class Worker:
         for task in self._held:
             if task is not None:
                 task.cancel()  # nothing to drain: they wait for a restart
+        # Work on a partition revoked in a rebalance still under way is not ours to finish.
+        handing_over = self._rebalance.pending() if self._rebalance is not None else set()
+        for tp in handing_over:
+            for task in self._tasks.get(tp, set()):
+                task.cancel()
         tasks = [t for ts in self._tasks.values() for t in ts if t not in self._held]
         if tasks and self._fatal is None:
             grace_s = self.settings.worker.shutdown_grace_s
