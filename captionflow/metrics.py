@@ -43,6 +43,21 @@ class Metrics:
             buckets=BATCH_BUCKETS, registry=r)
         self.in_flight = Gauge(
             "captionflow_in_flight_events", "Consumed events not yet published.", registry=r)
+        self.engine_requests = Gauge(
+            "captionflow_engine_requests",
+            "Requests inside the engine by state: running, and waiting there for a slot (the "
+            "vllm backend: its scheduler's counts; openai: this worker's requests at the "
+            "server, and those waiting for one of serving.openai_max_concurrency).",
+            ["state"], registry=r)
+        self.engine_queued_requests = Gauge(
+            "captionflow_engine_queued_requests",
+            "Decoded requests the micro-batcher holds because the engine holds "
+            "worker.max_in_engine already.", registry=r)
+        self.engine_request_limit = Gauge(
+            "captionflow_engine_request_limit",
+            "The sizing (docs/worker.md): requests the engine runs at once (limit=running) "
+            "and the most this worker keeps inside it (limit=in_engine).", ["limit"],
+            registry=r)
         self.paused_partitions = Gauge(
             "captionflow_paused_partitions", "Assigned partitions paused by backpressure.",
             registry=r)
@@ -123,6 +138,10 @@ class Metrics:
             self.caption_regenerations.labels(status)
         for kind in ("assigned", "revoked", "lost", "kept", "moved"):
             self.rebalances.labels(kind)
+        for state in ("running", "waiting"):
+            self.engine_requests.labels(state)
+        for limit in ("running", "in_engine"):
+            self.engine_request_limit.labels(limit)
         for result in ("ok", "failed"):
             self.commits.labels(result)
         for dependency in ("broker", "engine"):

@@ -223,3 +223,62 @@ def test_health_endpoints_over_real_http() -> None:
         assert get("/nope")[0] == 404
     finally:
         server.close()
+
+
+def test_worker_sized_from_the_engine_not_from_a_constant() -> None:
+    from captionflow.config import VideoSettings, WorkerSettings
+    from captionflow.consumer.sizing import size_worker
+    from captionflow.serving.base import EngineCapacity
+
+    video = VideoSettings(decode_workers=2)
+    # The shipped k8s values: MAX_NUM_SEQS=32 with MAX_BATCH_SIZE=8 used to mean at most
+    # 2 x 8 = 16 requests in the engine.
+    sized = size_worker(WorkerSettings(max_batch_size=8), video,
+                        EngineCapacity(32, "vLLM max_num_seqs=32"))
+    assert sized.running == 32
+    w = sized.worker
+    assert (w.max_in_engine, w.max_in_flight, w.resume_in_flight) == (40, 48, 40)
+    # A GPU engine with 256 slots gets 256 running plus a batch waiting.
+    w = size_worker(WorkerSettings(max_batch_size=4), video,
+                    EngineCapacity(256, "x")).worker
+    assert w.max_in_engine == 260 and w.max_in_flight == 264
+    # Explicit settings win (max_in_flight bounds memory).
+    w = size_worker(WorkerSettings(max_in_flight=8, resume_in_flight=4, max_in_engine=6),
+                    video, EngineCapacity(32, "x")).worker
+    assert (w.max_in_engine, w.max_in_flight, w.resume_in_flight) == (6, 8, 4)
+    # An engine that cannot say: one batch running, one waiting.
+    w = size_worker(WorkerSettings(max_batch_size=8), video, None).worker
+    assert w.max_in_engine == 16 and w.max_in_flight == 24
+
+
+async def test_openai_backend_reports_its_requests_at_the_server_and_waiting_for_a_slot(
+) -> None:
+    import httpx
+
+    from captionflow.config import ServingSettings
+    from captionflow.serving.openai_client import OpenAIBackend
+
+    release = asyncio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await release.wait()
+        return httpx.Response(200, json={
+            "choices": [{"message": {"content": "x"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+
+    backend = OpenAIBackend(ServingSettings(backend="openai", openai_max_concurrency=2),
+                            transport=httpx.MockTransport(handler))
+    await backend.start()
+    try:
+        assert backend.capacity().running == 2
+        calls = [asyncio.create_task(backend.caption(_request(i))) for i in range(5)]
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if backend.load().waiting == 3:
+                break
+        assert (backend.load().running, backend.load().waiting) == (2, 3)
+        release.set()
+        await asyncio.gather(*calls)
+        assert (backend.load().running, backend.load().waiting) == (0, 0)
+    finally:
+        await backend.close()

@@ -36,6 +36,7 @@ from captionflow.consumer.pipeline import Output, RecordPipeline, where
 from captionflow.consumer.publish import OutputPublisher
 from captionflow.consumer.readiness import ReadinessWatch
 from captionflow.consumer.rebalance import RebalanceHandler
+from captionflow.consumer.sizing import size_worker
 from captionflow.errors import (
     BrokerUnavailableError,
     CaptionflowError,
@@ -133,6 +134,7 @@ class Worker:
                 await self._backend.start()
                 stack.push_async_callback(self._backend.close)
             backend = self._backend
+            s = self._size_from_engine(backend)
             model = str(backend.model_info().get("model", s.serving.model))
             self.metrics.info.labels(captionflow.__version__, s.serving.backend, model,
                                      s.worker.group_id).set(1)
@@ -142,9 +144,11 @@ class Worker:
             batcher = MicroBatcher(
                 partial(backend.caption_tracked, timeout_s=s.serving.request_timeout_s),
                 max_batch_size=s.worker.max_batch_size,
-                max_wait_ms=s.worker.max_wait_ms, max_in_engine=2 * s.worker.max_batch_size,
+                max_wait_ms=s.worker.max_wait_ms,
+                max_in_engine=s.worker.max_in_engine or s.worker.max_batch_size,
                 on_batch=self.metrics.batch_size.observe,
                 on_queue_wait=self.metrics.stage_seconds.labels("queue").observe)
+            self.metrics.engine_queued_requests.set_function(lambda: batcher.queued)
             await batcher.start()
             stack.push_async_callback(batcher.close)
             consumer = self._consumer = make_consumer(
@@ -154,7 +158,8 @@ class Worker:
                 heartbeat_interval_ms=s.worker.heartbeat_interval_ms,
                 max_poll_interval_ms=s.worker.max_poll_interval_ms,
                 rebalance_timeout_ms=s.worker.rebalance_timeout_ms,
-                max_poll_records=s.worker.max_poll_records)
+                max_poll_records=s.worker.max_poll_records,
+                group_instance_id=s.worker.group_instance_id)
             self._committer = Committer(consumer, self._tracker, s.worker, self.metrics)
             self._watch = ReadinessWatch(
                 s, backend=backend, consumer=consumer, guard=self._guard, health=self.health,
@@ -192,6 +197,27 @@ class Worker:
             return 1
         log.info("worker stopped cleanly")
         return 0
+
+    def _size_from_engine(self, backend: CaptionBackend) -> Settings:
+        """Requests in the engine and events in flight sized from the started engine
+        (sizing.py); exported beside the engine's own running and waiting counts."""
+        sizing = size_worker(self.settings.worker, self.settings.video, backend.capacity())
+        w = sizing.worker
+        log.info("engine sizing (%s): up to %d requests in the engine, %d events in flight, "
+                 "resume below %d", sizing.source, w.max_in_engine, w.max_in_flight,
+                 w.resume_in_flight)
+        self.settings = self.settings.model_copy(update={"worker": w})
+        m = self.metrics
+        m.engine_request_limit.labels("running").set(sizing.running)
+        m.engine_request_limit.labels("in_engine").set(w.max_in_engine or 0)
+
+        def state(name: str) -> float:
+            load = backend.load()
+            return float(getattr(load, name)) if load is not None else 0.0
+
+        for name in ("running", "waiting"):
+            m.engine_requests.labels(name).set_function(partial(state, name))
+        return self.settings
 
     def _background_done(self, task: asyncio.Task[None]) -> None:
         # A dead commit or readiness loop would leave the worker committing nothing, or
