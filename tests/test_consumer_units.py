@@ -282,3 +282,20 @@ async def test_openai_backend_reports_its_requests_at_the_server_and_waiting_for
         assert (backend.load().running, backend.load().waiting) == (0, 0)
     finally:
         await backend.close()
+
+
+async def test_static_membership_reaches_the_consumer() -> None:
+    """worker.group_instance_id becomes aiokafka's group_instance_id (static membership).
+    The embedded broker (Tansu 0.6) does not honour it (docs/worker.md), so this is the
+    code path's test; against Kafka a restart within session_timeout_ms keeps the group."""
+    from captionflow.config import KafkaSettings, WorkerSettings
+    from captionflow.consumer.service import consumer_options
+    from captionflow.kafka import make_consumer
+
+    assert consumer_options(WorkerSettings())["group_instance_id"] is None
+    options = consumer_options(WorkerSettings(group_instance_id="captionflow-worker-3"))
+    assert options["group_instance_id"] == "captionflow-worker-3"
+    assert options["enable_auto_commit"] is False
+    # aiokafka accepts the option (not started here: no broker needed).
+    consumer = make_consumer(KafkaSettings(), client_suffix="-worker", **options)
+    await consumer.stop()

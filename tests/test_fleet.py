@@ -173,17 +173,21 @@ async def test_engine_is_filled_to_its_max_num_seqs_past_the_old_cap(
         assert (w.max_in_engine, w.max_in_flight) == (20, 24)
         reader = asyncio.create_task(read_topic(kafka, topics.output, expected=48,
                                                 timeout_s=240))
+        ticks = 0
         while not reader.done():
-            load = vllm_backend.load()
-            peak = max(peak, load.running)
-            peak_exported = max(peak_exported, worker.metrics.registry.get_sample_value(
-                "captionflow_engine_requests", {"state": "running"}) or 0)
-            peak_vllm = max(peak_vllm, _vllm_running())
+            peak = max(peak, vllm_backend.load().running)
+            if peak == 16 and not (peak_exported and peak_vllm):
+                # Collecting a registry costs milliseconds: only while the engine is full.
+                peak_exported = max(peak_exported, worker.metrics.registry.get_sample_value(
+                    "captionflow_engine_requests", {"state": "running"}) or 0)
+                peak_vllm = max(peak_vllm, _vllm_running())
+            ticks += 1
             await asyncio.sleep(0.005)
-        assert len(reader.result()) >= 48
+        dead = await read_topic(kafka, topics.dead_letter, expected=0, settle_s=0.2)
+        assert len(reader.result()) >= 48, (len(reader.result()), dead[:1], ticks)
     assert peak == 16, f"the scheduler ran at most {peak} of 16 sequences"
-    assert peak_exported == 16
-    assert peak_vllm in (0, 16), f"vllm:num_requests_running peaked at {peak_vllm}"
+    assert peak_exported == 16, "captionflow_engine_requests{state=running} never showed 16"
+    assert peak_vllm == 16, f"vllm:num_requests_running showed at most {peak_vllm}"
 
 
 async def publish_events(kafka, topic: str, events: list[dict], *,

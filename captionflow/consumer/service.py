@@ -17,6 +17,7 @@ import socket
 import time
 from contextlib import AsyncExitStack
 from functools import partial
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
@@ -24,7 +25,7 @@ from aiokafka.structs import ConsumerRecord
 from prometheus_client import REGISTRY
 
 import captionflow
-from captionflow.config import Settings
+from captionflow.config import Settings, WorkerSettings
 from captionflow.consumer.batch import MicroBatcher
 from captionflow.consumer.commit import Committer
 from captionflow.consumer.dependencies import DependencyGate
@@ -50,6 +51,18 @@ from captionflow.video.source import FrameSource
 
 log = logging.getLogger(__name__)
 
+
+
+def consumer_options(w: WorkerSettings) -> dict[str, Any]:
+    """The group member's options: manual commits, the group timeouts, and static
+    membership when ``worker.group_instance_id`` is set."""
+    return {"group_id": w.group_id, "group_instance_id": w.group_instance_id,
+            "enable_auto_commit": False, "auto_offset_reset": w.auto_offset_reset,
+            "session_timeout_ms": w.session_timeout_ms,
+            "heartbeat_interval_ms": w.heartbeat_interval_ms,
+            "max_poll_interval_ms": w.max_poll_interval_ms,
+            "rebalance_timeout_ms": w.rebalance_timeout_ms,
+            "max_poll_records": w.max_poll_records}
 
 
 class Worker:
@@ -152,14 +165,7 @@ class Worker:
             await batcher.start()
             stack.push_async_callback(batcher.close)
             consumer = self._consumer = make_consumer(
-                s.kafka, client_suffix="-worker", group_id=s.worker.group_id,
-                enable_auto_commit=False, auto_offset_reset=s.worker.auto_offset_reset,
-                session_timeout_ms=s.worker.session_timeout_ms,
-                heartbeat_interval_ms=s.worker.heartbeat_interval_ms,
-                max_poll_interval_ms=s.worker.max_poll_interval_ms,
-                rebalance_timeout_ms=s.worker.rebalance_timeout_ms,
-                max_poll_records=s.worker.max_poll_records,
-                group_instance_id=s.worker.group_instance_id)
+                s.kafka, client_suffix="-worker", **consumer_options(s.worker))
             self._committer = Committer(consumer, self._tracker, s.worker, self.metrics)
             self._watch = ReadinessWatch(
                 s, backend=backend, consumer=consumer, guard=self._guard, health=self.health,
