@@ -28,7 +28,8 @@ from tests.support.kafka_helpers import read_topic, wait_all_committed
 from tests.support.openai_standin import OpenAIStandIn
 from tests.support.worker_fixtures import running_worker, worker_settings
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="session"),
+              pytest.mark.timeout(600)]
 
 
 def standin_serving(standin: OpenAIStandIn, *, concurrency: int) -> ServingSettings:

@@ -54,7 +54,10 @@ class OpenAIStandIn:
                     self._send(404, {"error": {"message": "not found"}})
 
             def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                try:
+                    body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                except OSError:
+                    return  # the worker gave the request up while sending it
                 event = (self.headers.get("X-Request-Id") or "?").split("#", 1)[0]
                 with standin._lock:
                     standin.requests[event] += 1
@@ -68,7 +71,7 @@ class OpenAIStandIn:
                         "choices": [{"index": 0, "finish_reason": "stop", "message": {
                             "role": "assistant", "content": "A person walks across a room."}}],
                         "usage": {"prompt_tokens": 64, "completion_tokens": 8}})
-                except (BrokenPipeError, ConnectionResetError):
+                except OSError:
                     pass  # the worker gave the request up (a cancelled event)
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
