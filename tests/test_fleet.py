@@ -104,7 +104,7 @@ async def test_partition_that_stays_keeps_its_in_flight_work(
                            dead_letter=f"{base}.dlq", partitions=2)
     await ensure_topics(kafka, (topics.input, topics.output, topics.dead_letter),
                         partitions=2)
-    with OpenAIStandIn(latency_s=0.2, slow_latency_s=8.0) as standin:
+    with OpenAIStandIn(latency_s=0.2, slow_latency_s=5.0) as standin:
         serving = standin_serving(standin, concurrency=4)
         configs = [write_config(worker_settings(
             kafka, topics, group_id, serving, (caption_videos[0].parent,)),
