@@ -289,7 +289,7 @@ async def test_static_membership_reaches_the_consumer() -> None:
     The embedded broker (Tansu 0.6) does not honour it (docs/worker.md), so this is the
     code path's test; against Kafka a restart within session_timeout_ms keeps the group."""
     from captionflow.config import KafkaSettings, WorkerSettings
-    from captionflow.consumer.service import consumer_options
+    from captionflow.consumer.rebalance import consumer_options
     from captionflow.kafka import make_consumer
 
     assert consumer_options(WorkerSettings())["group_instance_id"] is None

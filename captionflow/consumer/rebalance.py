@@ -23,15 +23,29 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 
+from captionflow.config import WorkerSettings
 from captionflow.errors import RebalanceFailedError
 from captionflow.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 Partitions = set[TopicPartition]
+
+
+def consumer_options(w: WorkerSettings) -> dict[str, Any]:
+    """The group member's consumer options: manual commits, the group timeouts, and static
+    membership (``group_instance_id``) when ``worker.group_instance_id`` is set."""
+    return {"group_id": w.group_id, "group_instance_id": w.group_instance_id,
+            "enable_auto_commit": False, "auto_offset_reset": w.auto_offset_reset,
+            "session_timeout_ms": w.session_timeout_ms,
+            "heartbeat_interval_ms": w.heartbeat_interval_ms,
+            "max_poll_interval_ms": w.max_poll_interval_ms,
+            "rebalance_timeout_ms": w.rebalance_timeout_ms,
+            "max_poll_records": w.max_poll_records}
 
 
 class RebalanceHandler(ConsumerRebalanceListener):

@@ -17,7 +17,6 @@ import socket
 import time
 from contextlib import AsyncExitStack
 from functools import partial
-from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
@@ -25,7 +24,7 @@ from aiokafka.structs import ConsumerRecord
 from prometheus_client import REGISTRY
 
 import captionflow
-from captionflow.config import Settings, WorkerSettings
+from captionflow.config import Settings
 from captionflow.consumer.batch import MicroBatcher
 from captionflow.consumer.commit import Committer
 from captionflow.consumer.dependencies import DependencyGate
@@ -36,8 +35,8 @@ from captionflow.consumer.offsets import OffsetTracker
 from captionflow.consumer.pipeline import Output, RecordPipeline, where
 from captionflow.consumer.publish import OutputPublisher
 from captionflow.consumer.readiness import ReadinessWatch
-from captionflow.consumer.rebalance import RebalanceHandler
-from captionflow.consumer.sizing import size_worker
+from captionflow.consumer.rebalance import RebalanceHandler, consumer_options
+from captionflow.consumer.sizing import export_engine_load, size_worker
 from captionflow.errors import (
     BrokerUnavailableError,
     CaptionflowError,
@@ -51,18 +50,6 @@ from captionflow.video.source import FrameSource
 
 log = logging.getLogger(__name__)
 
-
-
-def consumer_options(w: WorkerSettings) -> dict[str, Any]:
-    """The group member's options: manual commits, the group timeouts, and static
-    membership when ``worker.group_instance_id`` is set."""
-    return {"group_id": w.group_id, "group_instance_id": w.group_instance_id,
-            "enable_auto_commit": False, "auto_offset_reset": w.auto_offset_reset,
-            "session_timeout_ms": w.session_timeout_ms,
-            "heartbeat_interval_ms": w.heartbeat_interval_ms,
-            "max_poll_interval_ms": w.max_poll_interval_ms,
-            "rebalance_timeout_ms": w.rebalance_timeout_ms,
-            "max_poll_records": w.max_poll_records}
 
 
 class Worker:
@@ -206,23 +193,14 @@ class Worker:
 
     def _size_from_engine(self, backend: CaptionBackend) -> Settings:
         """Requests in the engine and events in flight sized from the started engine
-        (sizing.py); exported beside the engine's own running and waiting counts."""
+        (sizing.py), exported beside the engine's own running and waiting counts."""
         sizing = size_worker(self.settings.worker, self.settings.video, backend.capacity())
         w = sizing.worker
         log.info("engine sizing (%s): up to %d requests in the engine, %d events in flight, "
                  "resume below %d", sizing.source, w.max_in_engine, w.max_in_flight,
                  w.resume_in_flight)
+        export_engine_load(self.metrics, sizing, backend)
         self.settings = self.settings.model_copy(update={"worker": w})
-        m = self.metrics
-        m.engine_request_limit.labels("running").set(sizing.running)
-        m.engine_request_limit.labels("in_engine").set(w.max_in_engine or 0)
-
-        def state(name: str) -> float:
-            load = backend.load()
-            return float(getattr(load, name)) if load is not None else 0.0
-
-        for name in ("running", "waiting"):
-            m.engine_requests.labels(name).set_function(partial(state, name))
         return self.settings
 
     def _background_done(self, task: asyncio.Task[None]) -> None:

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 
 from captionflow.config import VideoSettings, WorkerSettings
-from captionflow.serving.base import EngineCapacity
+from captionflow.metrics import Metrics
+from captionflow.serving.base import CaptionBackend, EngineCapacity
 
 log = logging.getLogger(__name__)
 
@@ -57,3 +59,17 @@ def size_worker(worker: WorkerSettings, video: VideoSettings,
     sized = worker.model_copy(update=update)
     return Sizing(worker=WorkerSettings.model_validate(sized.model_dump()), running=running,
                   source=source)
+
+
+def export_engine_load(metrics: Metrics, sizing: Sizing, backend: CaptionBackend) -> None:
+    """The sizing as gauges, and the engine's running and waiting requests read at scrape
+    time, so that a starved engine shows next to the worker's in-flight count."""
+    metrics.engine_request_limit.labels("running").set(sizing.running)
+    metrics.engine_request_limit.labels("in_engine").set(sizing.worker.max_in_engine or 0)
+
+    def state(name: str) -> float:
+        load = backend.load()
+        return float(getattr(load, name)) if load is not None else 0.0
+
+    for name in ("running", "waiting"):
+        metrics.engine_requests.labels(name).set_function(partial(state, name))
