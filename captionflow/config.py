@@ -299,10 +299,11 @@ class WorkerSettings(_Section):
     retry_backoff_ms: int = Field(200, ge=0)
     retry_backoff_max_ms: int = Field(5000, ge=0)
     shutdown_grace_s: float = Field(25.0, gt=0)
-    # On revoke, how long to wait for the revoked partitions' in-flight events before
-    # rejoining (0: rejoin at once). Unfinished work keeps running either way and is kept
-    # if its partition comes back; only partitions that moved are cancelled.
-    revoke_grace_s: float = Field(0.0, ge=0)
+    # On revoke, how long to wait for unfinished records that hold finished ones back from
+    # the commit (0: rejoin at once), so that a new owner does not publish those again.
+    # Unfinished work keeps running either way and is kept if its partition comes back;
+    # only work on partitions that moved is cancelled.
+    revoke_grace_s: float = Field(10.0, ge=0)
     session_timeout_ms: int = Field(10_000, gt=0)
     heartbeat_interval_ms: int = Field(3_000, gt=0)
     max_poll_interval_ms: int = Field(300_000, gt=0)

@@ -73,23 +73,36 @@ async def test_three_workers_killed_terminated_and_joined_lose_nothing(
                                       timeout_s=120, procs=procs, log=log)
             await wait_all_committed(kafka, topics.input, group_id, timeout_s=60)
             dead = await read_topic(kafka, topics.dead_letter, expected=0, settle_s=0.3)
+            records = await read_topic(kafka, topics.output, expected=sum(seen.values()),
+                                       settle_s=0.5)
             for proc in procs[2:]:
                 proc.send_signal(signal.SIGTERM)
             codes = [await asyncio.to_thread(p.wait, 60) for p in procs[2:]]
         finally:
             for proc in procs:
                 kill_group(proc)
-    duplicates = sum(seen.values()) - len(ids)
+    producers: dict[str, list[int | None]] = {}
+    for r in records:
+        ev = decode_caption_event(r.value)
+        producers.setdefault(ev.id, []).append(worker_pid(ev.worker))
+    duplicated = {i: pids for i, pids in producers.items() if len(pids) > 1}
+    duplicates = sum(len(pids) - 1 for pids in duplicated.values())
     with capsys.disabled():
         print(f"\nfleet churn: {len(ids)} events, {duplicates} duplicate captions, "
               f"{standin.total()} engine requests")
-    assert set(seen) == ids, f"{len(ids - set(seen))} events lost"
+    assert set(producers) == ids, f"{len(ids - set(producers))} events lost"
     assert dead == [], "churn is no event's fault: no dead letters"
     assert codes == [0, 0, 0], log.read_text()[-3000:]
-    # Only the SIGKILLed worker can leave captions published and uncommitted: at most its
-    # in-flight events plus those finished since its last commit (200 ms).
-    bound = 2 * settings.worker.max_batch_size + 4 * 4
-    assert duplicates <= bound, f"{duplicates} duplicates, more than the killed worker held"
+    # The SIGKILLed worker leaves its published, uncommitted tail (finished records above
+    # its lowest unfinished one). The SIGTERM adds none (it drains and commits), nor do the
+    # joins' rebalances, except where a record held finished ones back from the revoke's
+    # commit for longer than worker.revoke_grace_s and its partition moved: a moved
+    # partition's unfinished work is cancelled before it publishes.
+    killed = procs[0].pid
+    others = {i: pids for i, pids in duplicated.items() if killed not in pids}
+    assert sum(len(p) - 1 for p in others.values()) <= 2 * settings.worker.max_batch_size, (
+        f"duplicated without the killed worker: {others}")
+    assert duplicates <= len(ids) // 10, f"{duplicates} duplicates"
     assert "Traceback" not in log.read_text()
 
 

@@ -15,12 +15,13 @@ from aiokafka import TopicPartition
 
 
 class PartitionOffsets:
-    __slots__ = ("_heap", "_in_flight", "_next", "committed")
+    __slots__ = ("_done_max", "_heap", "_in_flight", "_next", "committed")
 
     def __init__(self) -> None:
         self._heap: list[int] = []
         self._in_flight: set[int] = set()
         self._next: int | None = None  # one past the highest consumed offset
+        self._done_max: int | None = None  # the highest finished offset
         self.committed: int | None = None
 
     def add(self, offset: int) -> bool:
@@ -36,12 +37,21 @@ class PartitionOffsets:
 
     def done(self, offset: int) -> None:
         self._in_flight.discard(offset)
+        if self._done_max is None or offset > self._done_max:
+            self._done_max = offset
         while self._heap and self._heap[0] not in self._in_flight:
             heapq.heappop(self._heap)
 
     @property
     def in_flight(self) -> int:
         return len(self._in_flight)
+
+    def holes(self) -> list[int]:
+        """Unfinished offsets below a finished one: each holds finished records back from
+        the commit point (and so from a new owner, who would redo them)."""
+        if self._done_max is None:
+            return []
+        return sorted(o for o in self._in_flight if o < self._done_max)
 
     @property
     def next_offset(self) -> int | None:
@@ -89,6 +99,9 @@ class OffsetTracker:
 
     def suspended(self) -> set[TopicPartition]:
         return set(self._suspended)
+
+    def holes(self, tps: Iterable[TopicPartition]) -> list[tuple[TopicPartition, int]]:
+        return [(tp, o) for tp in tps if tp in self._parts for o in self._parts[tp].holes()]
 
     def next_offset(self, tp: TopicPartition) -> int | None:
         part = self._parts.get(tp)

@@ -71,6 +71,8 @@ class Worker:
         self._fatal: FatalError | None = None
         self._backpressure = False
         self._held: set[asyncio.Task | None] = set()  # records the poison guard holds
+        self._publishing: set[asyncio.Task | None] = set()  # past the handover gate
+        self._by_offset: dict[tuple[TopicPartition, int], asyncio.Task[None]] = {}
         self._guard = PoisonGuard(window_records=settings.worker.poison_window_records,
                                   max_ratio=settings.worker.dead_letter_max_ratio)
         self._consumer: AIOKafkaConsumer | None = None
@@ -258,7 +260,8 @@ class Worker:
         task = asyncio.create_task(self._handle(tp, record, time.monotonic()),
                                    name=f"captionflow-{where(record)}")
         self._tasks.setdefault(tp, set()).add(task)
-        task.add_done_callback(partial(self._task_done, tp))
+        self._by_offset[(tp, record.offset)] = task
+        task.add_done_callback(partial(self._task_done, tp, record.offset))
 
     async def _handle(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes],
                       consumed_at: float) -> None:
@@ -274,7 +277,12 @@ class Worker:
         # Only the partition's owner after a rebalance publishes (rebalance.py).
         await self._rebalance.settled(tp)
         started = time.monotonic()
-        await self._publish(record, output)
+        task = asyncio.current_task()
+        self._publishing.add(task)
+        try:
+            await self._publish(record, output)
+        finally:
+            self._publishing.discard(task)
         now = time.monotonic()
         self.metrics.stage_seconds.labels("publish").observe(now - started)
         self.metrics.stage_seconds.labels("end_to_end").observe(now - consumed_at)
@@ -306,8 +314,9 @@ class Worker:
                                      "against worker.dead_letter_payload_max_bytes") from e
                 output = self._pipeline.dead_letter_output(record, e, output.event_id, 1)
 
-    def _task_done(self, tp: TopicPartition, task: asyncio.Task[None]) -> None:
+    def _task_done(self, tp: TopicPartition, offset: int, task: asyncio.Task[None]) -> None:
         self._tasks.get(tp, set()).discard(task)
+        self._by_offset.pop((tp, offset), None)
         self.metrics.in_flight.set(self._tracker.in_flight())
         if task.cancelled():
             return
@@ -363,9 +372,18 @@ class Worker:
         goes on and is kept or cancelled once the next assignment is known (rebalance.py)."""
         assert self._committer is not None
         tasks = set().union(*(self._tasks.get(tp, set()) for tp in tps)) - self._held
+        # Wait (bounded) only for records that hold finished ones back from the commit:
+        # should the partition move, the new owner would publish those again.
+        holes = {t for key in self._tracker.holes(tps)
+                 if (t := self._by_offset.get(key)) is not None} - self._held
         grace_s = self.settings.worker.revoke_grace_s
-        if tasks and grace_s > 0:
-            await asyncio.wait(tasks, timeout=grace_s)
+        if holes and grace_s > 0:
+            await asyncio.wait(holes, timeout=grace_s)
+        # A record whose output is on its way to the broker is as good as done: let it
+        # finish, so the commit below covers it and a new owner does not publish it again.
+        publishing = tasks & self._publishing
+        if publishing:
+            await asyncio.wait(publishing, timeout=self.settings.worker.commit_timeout_ms / 1000)
         self._tracker.suspend(tps)
         await self._committer.commit(tps, raise_errors=True)
 
