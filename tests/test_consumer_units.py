@@ -299,3 +299,17 @@ async def test_static_membership_reaches_the_consumer() -> None:
     # aiokafka accepts the option (not started here: no broker needed).
     consumer = make_consumer(KafkaSettings(), client_suffix="-worker", **options)
     await consumer.stop()
+
+
+def test_holes_are_unfinished_records_below_a_finished_one() -> None:
+    """What a revoke waits for: records that keep finished ones from being committed."""
+    t = OffsetTracker()
+    t.assign([TP])
+    for o in range(5):
+        t.add(TP, o)
+    assert t.holes([TP]) == []
+    t.done(TP, 3)
+    assert t.holes([TP]) == [(TP, 0), (TP, 1), (TP, 2)], "4 is the frontier, not a hole"
+    for o in (0, 1, 2):
+        t.done(TP, o)
+    assert t.holes([TP]) == [] and t.pending_commits([TP]) == {TP: 4}
