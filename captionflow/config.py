@@ -378,11 +378,21 @@ class ServingSettings(_Section):
 class WorkerSettings(_Section):
     group_id: str = Field(
         "captionflow-workers", description="Kafka consumer group of the workers.")
+    # Static group membership (Kafka's group.instance.id): a worker restarted with the same
+    # id within session_timeout_ms takes its partitions back without a rebalance of the
+    # others. Unique per live worker (the pod name); unset: dynamic membership.
+    group_instance_id: str | None = Field(None, min_length=1, max_length=249,
+        description="Static member id (the pod name); unset: dynamic membership.")
     max_batch_size: int = Field(8, ge=1,
         description="Most events handed to the engine in one micro-batch.")
     max_wait_ms: int = Field(50, ge=0,
         description="Longest a micro-batch waits to fill before it is sent.")
+    # Requests inside the engine at once (running + queued there); unset: sized from the
+    # engine (captionflow.consumer.sizing): its running capacity plus one micro-batch.
+    max_in_engine: int | None = Field(None, ge=1,
+        description="Most requests inside the engine at once; unset: sized from the engine.")
     # Pause partitions above the high watermark of in-flight events, resume below the low.
+    # Left unset, both are sized from the engine so that it never runs dry (sizing.py).
     max_in_flight: int = Field(32, ge=1)
     resume_in_flight: int = Field(16, ge=0,
         description="Partitions resume when in-flight events fall below this.")
@@ -405,8 +415,11 @@ class WorkerSettings(_Section):
         description="Cap of that backoff.")
     shutdown_grace_s: float = Field(25.0, gt=0,
         description="On SIGTERM, how long in-flight events may finish before exit.")
-    revoke_grace_s: float = Field(10.0, gt=0,
-        description="On a rebalance, how long revoked partitions' events may finish.")
+    # Unfinished work keeps running either way and is kept if its partition comes back;
+    # only work on partitions that moved is cancelled.
+    revoke_grace_s: float = Field(10.0, ge=0,
+        description="On revoke, how long to wait for unfinished records that hold finished "
+                    "ones back from the commit (0: rejoin at once).")
     session_timeout_ms: int = Field(10_000, gt=0,
         description="Consumer-group session timeout: a silent member is expelled after it.")
     heartbeat_interval_ms: int = Field(3_000, gt=0,

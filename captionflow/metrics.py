@@ -43,6 +43,21 @@ class Metrics:
             buckets=BATCH_BUCKETS, registry=r)
         self.in_flight = Gauge(
             "captionflow_in_flight_events", "Consumed events not yet published.", registry=r)
+        self.engine_requests = Gauge(
+            "captionflow_engine_requests",
+            "Requests inside the engine by state: running, and waiting there for a slot (the "
+            "vllm backend: its scheduler's counts; openai: this worker's requests at the "
+            "server, and those waiting for one of serving.openai_max_concurrency).",
+            ["state"], registry=r)
+        self.engine_queued_requests = Gauge(
+            "captionflow_engine_queued_requests",
+            "Decoded requests the micro-batcher holds because the engine holds "
+            "worker.max_in_engine already.", registry=r)
+        self.engine_request_limit = Gauge(
+            "captionflow_engine_request_limit",
+            "The sizing (docs/worker.md): requests the engine runs at once (limit=running) "
+            "and the most this worker keeps inside it (limit=in_engine).", ["limit"],
+            registry=r)
         self.paused_partitions = Gauge(
             "captionflow_paused_partitions",
             "Assigned partitions paused (backpressure, a dependency outage or the poison guard).",
@@ -100,7 +115,10 @@ class Metrics:
             "Model tokens the cache hits saved, by kind (prompt, completion).", ["kind"],
             registry=r)
         self.rebalances = Counter(
-            "captionflow_rebalances_total", "Partition changes, by kind (assigned, revoked, lost).",
+            "captionflow_rebalances_total",
+            "Partition changes, by kind: assigned, revoked, lost; after a revoke, kept (some "
+            "partitions came back, their work went on) and moved (some went to another member, "
+            "their unfinished work was cancelled).",
             ["kind"], registry=r)
         self.commits = Counter(
             "captionflow_commits_total", "Offset commits, by result (ok, failed).", ["result"],
@@ -153,8 +171,12 @@ class Metrics:
             self.captions.labels(status)
         for status in sorted(REGENERATE):
             self.caption_regenerations.labels(status)
-        for kind in ("assigned", "revoked", "lost"):
+        for kind in ("assigned", "revoked", "lost", "kept", "moved"):
             self.rebalances.labels(kind)
+        for state in ("running", "waiting"):
+            self.engine_requests.labels(state)
+        for limit in ("running", "in_engine"):
+            self.engine_request_limit.labels(limit)
         for result in ("ok", "failed"):
             self.commits.labels(result)
         for dependency in ("broker", "engine"):

@@ -106,6 +106,8 @@ async def test_rebalance_revoke_lost_and_callback_errors() -> None:
 
     handler = RebalanceHandler(
         on_assigned=lambda tps: calls.append(("assigned", tps)), on_revoked=revoked,
+        on_kept=lambda tps: calls.append(("kept", tps)),
+        on_moved=lambda tps: calls.append(("moved", tps)),
         on_lost=lambda tps: calls.append(("lost", tps)), is_lost=lambda: lost,
         metrics=Metrics.fresh())
     await handler.on_partitions_assigned({TP})
@@ -114,17 +116,77 @@ async def test_rebalance_revoke_lost_and_callback_errors() -> None:
     await handler.on_partitions_revoked({TP})
     await handler.on_partitions_revoked(set())
     assert calls == [("assigned", {TP}), ("revoked", {TP}), ("lost", {TP})]
-    assert handler.error is None
+    assert handler.error is None and handler.pending() == set()
 
     async def failing(tps: set) -> None:
         raise RuntimeError("commit exploded")
 
     bad = RebalanceHandler(on_assigned=lambda tps: None, on_revoked=failing,
+                           on_kept=lambda tps: None, on_moved=lambda tps: None,
                            on_lost=lambda tps: None, is_lost=lambda: False,
                            metrics=Metrics.fresh())
     await bad.on_partitions_revoked({TP})
     assert isinstance(bad.error, RebalanceFailedError)
     assert bad.error.code is ErrorCode.REBALANCE_FAILED and "commit exploded" in bad.error.message
+
+
+async def test_rebalance_keeps_partitions_that_come_back_and_cancels_those_that_moved(
+) -> None:
+    """Eager protocol: a revoke of everything, then an assignment of some of it. Work on a
+    partition that came back waits (unpublished) only until the assignment and goes on;
+    work on one that moved is cancelled while it waits, so it never publishes."""
+    other = TopicPartition("t", 1)
+    calls: list[tuple[str, set]] = []
+    waiters: dict[TopicPartition, asyncio.Task[None]] = {}
+
+    async def revoked(tps: set) -> None:
+        calls.append(("revoked", tps))
+
+    def moved(tps: set) -> None:
+        calls.append(("moved", tps))
+        for tp in tps:
+            waiters[tp].cancel()
+
+    metrics = Metrics.fresh()
+    handler = RebalanceHandler(
+        on_assigned=lambda tps: calls.append(("assigned", tps)), on_revoked=revoked,
+        on_kept=lambda tps: calls.append(("kept", tps)), on_moved=moved,
+        on_lost=lambda tps: calls.append(("lost", tps)), is_lost=lambda: False,
+        metrics=metrics)
+    await handler.on_partitions_assigned({TP, other})
+    await asyncio.wait_for(handler.settled(TP), 1)  # nothing pending: no wait
+    await handler.on_partitions_revoked({TP, other})
+    assert handler.pending() == {TP, other}
+    waiters = {tp: asyncio.create_task(handler.settled(tp)) for tp in (TP, other)}
+    await asyncio.sleep(0.01)
+    assert not any(w.done() for w in waiters.values()), "publishing waits for the assignment"
+    await handler.on_partitions_assigned({TP})
+    await asyncio.wait_for(waiters[TP], 1)
+    assert waiters[other].cancelled()
+    assert calls[1:] == [("revoked", {TP, other}), ("moved", {other}), ("kept", {TP}),
+                         ("assigned", {TP})]
+    assert handler.pending() == set() and handler.error is None
+    assert metrics.rebalances.labels("kept")._value.get() == 1
+    assert metrics.rebalances.labels("moved")._value.get() == 1
+
+
+def test_tracker_suspends_commits_of_revoked_partitions_and_skips_redelivered_offsets(
+) -> None:
+    t = OffsetTracker()
+    other = TopicPartition("t", 1)
+    t.assign([TP, other])
+    assert t.add(TP, 0) and t.add(TP, 1) and t.add(other, 7)
+    t.done(TP, 0)
+    t.suspend([TP, other])
+    assert t.pending_commits() == {}, "a revoked partition is committed only explicitly"
+    assert t.pending_commits([TP]) == {TP: 1}, "the revoke's own commit still sees it"
+    t.reinstate([TP])
+    assert t.pending_commits() == {TP: 1}
+    # The consumer hands a kept partition's records out again from the committed offset.
+    assert not t.add(TP, 0) and not t.add(TP, 1), "done or in flight: not spawned twice"
+    assert t.add(TP, 2) and t.next_offset(TP) == 3
+    t.drop([other])
+    assert t.suspended() == set() and t.next_offset(other) is None
 
 
 def test_health_endpoints_over_real_http() -> None:
@@ -161,3 +223,93 @@ def test_health_endpoints_over_real_http() -> None:
         assert get("/nope")[0] == 404
     finally:
         server.close()
+
+
+def test_worker_sized_from_the_engine_not_from_a_constant() -> None:
+    from captionflow.config import VideoSettings, WorkerSettings
+    from captionflow.consumer.sizing import size_worker
+    from captionflow.serving.base import EngineCapacity
+
+    video = VideoSettings(decode_workers=2)
+    # The shipped k8s values: MAX_NUM_SEQS=32 with MAX_BATCH_SIZE=8 used to mean at most
+    # 2 x 8 = 16 requests in the engine.
+    sized = size_worker(WorkerSettings(max_batch_size=8), video,
+                        EngineCapacity(32, "vLLM max_num_seqs=32"))
+    assert sized.running == 32
+    w = sized.worker
+    assert (w.max_in_engine, w.max_in_flight, w.resume_in_flight) == (40, 48, 40)
+    # A GPU engine with 256 slots gets 256 running plus a batch waiting.
+    w = size_worker(WorkerSettings(max_batch_size=4), video,
+                    EngineCapacity(256, "x")).worker
+    assert w.max_in_engine == 260 and w.max_in_flight == 264
+    # Explicit settings win (max_in_flight bounds memory).
+    w = size_worker(WorkerSettings(max_in_flight=8, resume_in_flight=4, max_in_engine=6),
+                    video, EngineCapacity(32, "x")).worker
+    assert (w.max_in_engine, w.max_in_flight, w.resume_in_flight) == (6, 8, 4)
+    # An engine that cannot say: one batch running, one waiting.
+    w = size_worker(WorkerSettings(max_batch_size=8), video, None).worker
+    assert w.max_in_engine == 16 and w.max_in_flight == 24
+
+
+async def test_openai_backend_reports_its_requests_at_the_server_and_waiting_for_a_slot(
+) -> None:
+    import httpx
+
+    from captionflow.config import ServingSettings
+    from captionflow.serving.openai_client import OpenAIBackend
+
+    release = asyncio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await release.wait()
+        return httpx.Response(200, json={
+            "choices": [{"message": {"content": "x"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+
+    backend = OpenAIBackend(ServingSettings(backend="openai", openai_max_concurrency=2),
+                            transport=httpx.MockTransport(handler))
+    await backend.start()
+    try:
+        assert backend.capacity().running == 2
+        calls = [asyncio.create_task(backend.caption(_request(i))) for i in range(5)]
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if backend.load().waiting == 3:
+                break
+        assert (backend.load().running, backend.load().waiting) == (2, 3)
+        release.set()
+        await asyncio.gather(*calls)
+        assert (backend.load().running, backend.load().waiting) == (0, 0)
+    finally:
+        await backend.close()
+
+
+async def test_static_membership_reaches_the_consumer() -> None:
+    """worker.group_instance_id becomes aiokafka's group_instance_id (static membership).
+    The embedded broker (Tansu 0.6) does not honour it (docs/worker.md), so this is the
+    code path's test; against Kafka a restart within session_timeout_ms keeps the group."""
+    from captionflow.config import KafkaSettings, WorkerSettings
+    from captionflow.consumer.rebalance import consumer_options
+    from captionflow.kafka import make_consumer
+
+    assert consumer_options(WorkerSettings())["group_instance_id"] is None
+    options = consumer_options(WorkerSettings(group_instance_id="captionflow-worker-3"))
+    assert options["group_instance_id"] == "captionflow-worker-3"
+    assert options["enable_auto_commit"] is False
+    # aiokafka accepts the option (not started here: no broker needed).
+    consumer = make_consumer(KafkaSettings(), client_suffix="-worker", **options)
+    await consumer.stop()
+
+
+def test_holes_are_unfinished_records_below_a_finished_one() -> None:
+    """What a revoke waits for: records that keep finished ones from being committed."""
+    t = OffsetTracker()
+    t.assign([TP])
+    for o in range(5):
+        t.add(TP, o)
+    assert t.holes([TP]) == []
+    t.done(TP, 3)
+    assert t.holes([TP]) == [(TP, 0), (TP, 1), (TP, 2)], "4 is the frontier, not a hole"
+    for o in (0, 1, 2):
+        t.done(TP, o)
+    assert t.holes([TP]) == [] and t.pending_commits([TP]) == {TP: 4}

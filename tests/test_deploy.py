@@ -83,8 +83,11 @@ def configmap_env() -> dict[str, str]:
     return {k: str(v) for k, v in k8s_kind("ConfigMap")["data"].items()}
 
 
+WORKLOAD = "StatefulSet"  # stable pod names are the workers' static member ids
+
+
 def deployment_container() -> dict:
-    containers = k8s_kind("Deployment")["spec"]["template"]["spec"]["containers"]
+    containers = k8s_kind(WORKLOAD)["spec"]["template"]["spec"]["containers"]
     assert len(containers) == 1, "the worker pod runs one container"
     return containers[0]
 
@@ -282,7 +285,7 @@ def all_deploy_env_names() -> dict[str, set[str]]:
     for name in configmap_env():
         where.setdefault(name, set()).add("k8s ConfigMap")
     for item in deployment_container().get("env", []):
-        where.setdefault(item["name"], set()).add("k8s Deployment")
+        where.setdefault(item["name"], set()).add(f"k8s {WORKLOAD}")
     return where
 
 
@@ -339,7 +342,7 @@ def test_prometheus_scrapes_the_worker_metrics_endpoint():
 
 def test_k8s_worker_probes_port_and_grace(monkeypatch):
     port = MetricsSettings().port
-    pod = k8s_kind("Deployment")["spec"]["template"]["spec"]
+    pod = k8s_kind(WORKLOAD)["spec"]["template"]["spec"]
     container = deployment_container()
     named = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert named.get("metrics") == port
@@ -371,13 +374,13 @@ def test_k8s_worker_probes_port_and_grace(monkeypatch):
     service = k8s_kind("Service")
     assert [(p["port"], resolve(p["targetPort"])) for p in service["spec"]["ports"]] == [
         (port, port)]
-    labels = k8s_kind("Deployment")["spec"]["template"]["metadata"]["labels"]
+    labels = k8s_kind(WORKLOAD)["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= labels.items()
 
 
 def test_k8s_podmonitor_scrapes_metrics_with_the_dashboard_job_name():
     monitor = k8s_kind("PodMonitor")
-    labels = k8s_kind("Deployment")["spec"]["template"]["metadata"]["labels"]
+    labels = k8s_kind(WORKLOAD)["spec"]["template"]["metadata"]["labels"]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
     endpoints = monitor["spec"]["podMetricsEndpoints"]
     ports = {p["name"] for p in deployment_container()["ports"]}
@@ -400,23 +403,80 @@ def test_prometheusrule_carries_the_same_rules_as_prometheus():
         "groups over")
 
 
-def test_keda_scales_on_the_worker_group_lag_within_the_partition_count(monkeypatch):
-    scaled = k8s_kind("ScaledObject")
+def shipped_sizing(monkeypatch):
+    """The worker sizing the shipped ConfigMap gives on an engine of its max_num_seqs."""
+    from captionflow.consumer.sizing import size_worker
+    from captionflow.serving.base import EngineCapacity
+
     settings = settings_from_env(monkeypatch, configmap_env())
+    seqs = settings.serving.max_num_seqs
+    assert seqs, "the ConfigMap sets CAPTIONFLOW_SERVING__MAX_NUM_SEQS"
+    return settings, size_worker(settings.worker, settings.video, EngineCapacity(seqs, "cm"))
+
+
+def test_keda_scales_on_lag_and_engine_queue_within_the_partition_count(monkeypatch):
+    scaled = k8s_kind("ScaledObject")
+    settings, sizing = shipped_sizing(monkeypatch)
     spec = scaled["spec"]
-    assert spec["scaleTargetRef"]["name"] == k8s_kind("Deployment")["metadata"]["name"]
+    target = spec["scaleTargetRef"]
+    workload = k8s_kind(WORKLOAD)
+    assert (target.get("kind"), target["name"]) == (WORKLOAD, workload["metadata"]["name"])
     assert 1 <= spec.get("minReplicaCount", 0) <= spec["maxReplicaCount"]
     assert spec["maxReplicaCount"] <= settings.topics.partitions, (
         f"maxReplicaCount {spec['maxReplicaCount']} exceeds topics.partitions "
         f"{settings.topics.partitions}: extra workers would get no partition")
-    [trigger] = spec["triggers"]
-    meta = trigger["metadata"]
-    assert trigger["type"] == "kafka"
+    triggers = {t["type"]: t["metadata"] for t in spec["triggers"]}
+    assert set(triggers) == {"kafka", "prometheus"}
+    meta = triggers["kafka"]
     assert meta["topic"] == settings.topics.input
     assert meta["consumerGroup"] == settings.worker.group_id
     assert meta["bootstrapServers"] == settings.kafka.bootstrap_servers
     assert meta.get("allowIdleConsumers", "false") == "false"
-    assert int(meta["lagThreshold"]) > 0
+    # One worker's in-flight window: lag beyond it is work that no worker holds.
+    assert int(meta["lagThreshold"]) == sizing.worker.max_in_flight
+    # Engine queue depth: waiting in the engines plus held for a slot, ready workers only.
+    prom = triggers["prometheus"]
+    query = prom["query"]
+    exported = exported_captionflow_series()
+    names = {n for n, _ in SELECTOR.findall(query)}
+    assert {"captionflow_engine_requests", "captionflow_engine_queued_requests",
+            "captionflow_ready"} <= names <= set(exported), query
+    assert 'state="waiting"' in query and "captionflow_ready" in query
+    assert float(prom["threshold"]) == 2 * settings.worker.max_batch_size
+
+
+def test_keda_scales_down_slower_than_a_model_loads():
+    """A pod still loading its model must never be the reason for, or the victim of, a
+    scale-down: the scale-down window and cooldown cover the longest load the startup
+    probe allows, and readiness (/readyz) gates the rollout."""
+    spec = k8s_kind("ScaledObject")["spec"]
+    startup = deployment_container()["startupProbe"]
+    longest_load_s = startup["failureThreshold"] * startup["periodSeconds"]
+    behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] >= longest_load_s
+    assert spec["cooldownPeriod"] >= longest_load_s
+    assert behavior["scaleUp"]["stabilizationWindowSeconds"] > 0
+    assert deployment_container()["readinessProbe"]["httpGet"]["path"] == "/readyz"
+
+
+def test_statefulset_gives_each_worker_its_pod_name_as_static_member_id(monkeypatch):
+    workload = k8s_kind(WORKLOAD)
+    spec = workload["spec"]
+    assert spec["serviceName"] == k8s_kind("Service")["metadata"]["name"]
+    assert spec["podManagementPolicy"] == "Parallel", "scale-ups must not load one by one"
+    env = {e["name"]: e for e in deployment_container()["env"]}
+    ref = env[f"{ENV_PREFIX}WORKER__GROUP_INSTANCE_ID"]["valueFrom"]["fieldRef"]
+    assert ref["fieldPath"] == "metadata.name"
+    assert "group_instance_id" in WorkerSettings.model_fields
+
+
+def test_shipped_config_lets_the_worker_fill_its_engine(monkeypatch):
+    """The old hidden cap (2 x max_batch_size = 16) used half of MAX_NUM_SEQS=32; in-flight
+    settings pinned in the ConfigMap would bring it back."""
+    settings, sizing = shipped_sizing(monkeypatch)
+    w = sizing.worker
+    assert w.max_in_engine >= settings.serving.max_num_seqs + settings.worker.max_batch_size
+    assert w.max_in_flight >= w.max_in_engine + settings.worker.max_batch_size
 
 
 def test_k8s_kustomization_lists_every_manifest():

@@ -42,6 +42,7 @@ class MicroBatcher:
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._failed: BaseException | None = None
+        self.queued = 0  # submitted and not yet sent to the engine
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="captionflow-batcher")
@@ -52,6 +53,7 @@ class MicroBatcher:
             raise EngineDeadError(f"batcher stopped: {self._failed}")
         loop = asyncio.get_running_loop()
         item = _Item(request, loop.create_future(), loop.time())
+        self.queued += 1
         await self._queue.put(item)
         return await item.future
 
@@ -68,10 +70,12 @@ class MicroBatcher:
                 except (asyncio.QueueEmpty, TimeoutError):
                     break
             live = [item for item in batch if not item.future.done()]
+            self.queued -= len(batch) - len(live)
             if self._on_batch is not None and live:
                 self._on_batch(len(live))
             for item in live:
                 await self._slots.acquire()
+                self.queued -= 1
                 if self._on_queue_wait is not None:
                     self._on_queue_wait(loop.time() - item.enqueued_at)
                 task = asyncio.create_task(self._one(item))

@@ -66,8 +66,14 @@ class Committer:
             await self._update_lag()
 
     async def _update_lag(self) -> None:
+        suspended = self._tracker.suspended()
         for tp in self._tracker.partitions():
-            highwater = self._consumer.highwater(tp)
+            if tp in suspended:
+                continue
+            try:
+                highwater = self._consumer.highwater(tp)
+            except AssertionError:
+                continue  # not assigned this instant: a rebalance is under way
             committed = self._tracker.committed(tp)
             if highwater is None:
                 continue

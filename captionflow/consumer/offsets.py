@@ -20,24 +20,30 @@ from aiokafka import TopicPartition
 
 
 class PartitionOffsets:
-    __slots__ = ("_heap", "_in_flight", "_next", "committed")
+    __slots__ = ("_done_max", "_heap", "_in_flight", "_next", "committed")
 
     def __init__(self) -> None:
         self._heap: list[int] = []
         self._in_flight: dict[int, float] = {}  # offset -> when it was consumed (monotonic)
         self._next: int | None = None  # one past the highest consumed offset
+        self._done_max: int | None = None  # the highest finished offset
         self.committed: int | None = None
 
-    def add(self, offset: int) -> None:
-        if offset in self._in_flight:
-            return
+    def add(self, offset: int) -> bool:
+        """Track a consumed record; False if it was consumed already (in flight, or below
+        the highest consumed offset and so finished): the consumer may hand a kept
+        partition's records out again after a rebalance."""
+        if offset in self._in_flight or (self._next is not None and offset < self._next):
+            return False
         self._in_flight[offset] = time.monotonic()
         heapq.heappush(self._heap, offset)
-        if self._next is None or offset >= self._next:
-            self._next = offset + 1
+        self._next = offset + 1
+        return True
 
     def done(self, offset: int) -> None:
         self._in_flight.pop(offset, None)
+        if self._done_max is None or offset > self._done_max:
+            self._done_max = offset
         while self._heap and self._heap[0] not in self._in_flight:
             heapq.heappop(self._heap)
 
@@ -58,6 +64,18 @@ class PartitionOffsets:
             return 0.0
         return now - self._in_flight[self._heap[0]]
 
+    def holes(self) -> list[int]:
+        """Unfinished offsets below a finished one: each holds finished records back from
+        the commit point (and so from a new owner, who would redo them)."""
+        if self._done_max is None:
+            return []
+        return sorted(o for o in self._in_flight if o < self._done_max)
+
+    @property
+    def next_offset(self) -> int | None:
+        """One past the highest consumed offset: where fetching resumes."""
+        return self._next
+
     def commit_point(self) -> int | None:
         """The offset to commit (the next record to read after a restart), or None."""
         if self._heap:
@@ -72,10 +90,15 @@ class PartitionOffsets:
 
 
 class OffsetTracker:
-    """Per-partition bookkeeping for every assigned partition."""
+    """Per-partition bookkeeping for every assigned partition.
+
+    A *suspended* partition was revoked and may come back with the next assignment: its
+    work goes on, but only an explicit commit (the revoke's own, in the old generation)
+    may include it, so nothing is committed for it while another member may own it."""
 
     def __init__(self) -> None:
         self._parts: dict[TopicPartition, PartitionOffsets] = {}
+        self._suspended: set[TopicPartition] = set()
 
     def assign(self, tps: Iterable[TopicPartition]) -> None:
         for tp in tps:
@@ -84,6 +107,23 @@ class OffsetTracker:
     def drop(self, tps: Iterable[TopicPartition]) -> None:
         for tp in tps:
             self._parts.pop(tp, None)
+            self._suspended.discard(tp)
+
+    def suspend(self, tps: Iterable[TopicPartition]) -> None:
+        self._suspended.update(tp for tp in tps if tp in self._parts)
+
+    def reinstate(self, tps: Iterable[TopicPartition]) -> None:
+        self._suspended.difference_update(tps)
+
+    def suspended(self) -> set[TopicPartition]:
+        return set(self._suspended)
+
+    def holes(self, tps: Iterable[TopicPartition]) -> list[tuple[TopicPartition, int]]:
+        return [(tp, o) for tp in tps if tp in self._parts for o in self._parts[tp].holes()]
+
+    def next_offset(self, tp: TopicPartition) -> int | None:
+        part = self._parts.get(tp)
+        return None if part is None else part.next_offset
 
     def owns(self, tp: TopicPartition) -> bool:
         return tp in self._parts
@@ -91,8 +131,9 @@ class OffsetTracker:
     def partitions(self) -> list[TopicPartition]:
         return list(self._parts)
 
-    def add(self, tp: TopicPartition, offset: int) -> None:
-        self._parts[tp].add(offset)
+    def add(self, tp: TopicPartition, offset: int) -> bool:
+        """Track a consumed record; False if this partition already had it."""
+        return self._parts[tp].add(offset)
 
     def done(self, tp: TopicPartition, offset: int) -> bool:
         """Mark a record finished; False if its partition is no longer ours."""
@@ -125,8 +166,9 @@ class OffsetTracker:
 
     def pending_commits(self, tps: Iterable[TopicPartition] | None = None,
                         ) -> dict[TopicPartition, int]:
-        chosen = self._parts if tps is None else {tp: self._parts[tp] for tp in tps
-                                                  if tp in self._parts}
+        """Commit points that moved; without ``tps``, of every partition not suspended."""
+        chosen = {tp: p for tp, p in self._parts.items() if tp not in self._suspended} \
+            if tps is None else {tp: self._parts[tp] for tp in tps if tp in self._parts}
         return {tp: point for tp, p in chosen.items()
                 if (point := p.pending_commit()) is not None}
 

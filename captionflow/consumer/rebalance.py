@@ -1,15 +1,33 @@
-"""Partition handover. On revoke: finish (bounded) the work of the revoked partitions and
-commit it. On lost (our membership was fenced, so another member may own them already):
-drop that work without committing. aiokafka only calls ``on_partitions_revoked``; a lost
-assignment shows as a reset generation when it does."""
+"""Partition handover under aiokafka's eager protocol, where every rebalance revokes every
+partition and the next assignment hands most of them straight back.
+
+- **Revoked:** the service commits what finished (still in the old generation, before this
+  member rejoins) and the partitions are *pending*: their in-flight work goes on, but no
+  output is published and nothing is committed for them until the next assignment says
+  who owns them.
+- **Assigned:** a pending partition that came back is *kept*: its work continues where it
+  was, publishes and commits as before, and fetching resumes after the last record it
+  consumed. One that did not come back *moved*: its work is cancelled (aborting its engine
+  requests) and dropped uncommitted, so the new owner, which starts at the committed
+  offset, redelivers it and this member never commits that partition again.
+- **Lost** (our membership was fenced, so another member may own the partitions already):
+  drop that work without committing. aiokafka only calls ``on_partitions_revoked``; a lost
+  assignment shows as a reset generation when it does.
+
+Gating publication on the assignment is what makes a kept partition safe: whatever
+finished while the group rebalanced is published only by the member that owns it after.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 
+from captionflow.config import WorkerSettings
 from captionflow.errors import RebalanceFailedError
 from captionflow.metrics import Metrics
 
@@ -18,18 +36,47 @@ log = logging.getLogger(__name__)
 Partitions = set[TopicPartition]
 
 
+def consumer_options(w: WorkerSettings) -> dict[str, Any]:
+    """The group member's consumer options: manual commits, the group timeouts, and static
+    membership (``group_instance_id``) when ``worker.group_instance_id`` is set."""
+    return {"group_id": w.group_id, "group_instance_id": w.group_instance_id,
+            "enable_auto_commit": False, "auto_offset_reset": w.auto_offset_reset,
+            "session_timeout_ms": w.session_timeout_ms,
+            "heartbeat_interval_ms": w.heartbeat_interval_ms,
+            "max_poll_interval_ms": w.max_poll_interval_ms,
+            "rebalance_timeout_ms": w.rebalance_timeout_ms,
+            "max_poll_records": w.max_poll_records}
+
+
 class RebalanceHandler(ConsumerRebalanceListener):
     def __init__(self, *, on_assigned: Callable[[Partitions], None],
                  on_revoked: Callable[[Partitions], Awaitable[None]],
+                 on_kept: Callable[[Partitions], None],
+                 on_moved: Callable[[Partitions], None],
                  on_lost: Callable[[Partitions], None], is_lost: Callable[[], bool],
                  metrics: Metrics) -> None:
         self._on_assigned = on_assigned
         self._on_revoked = on_revoked
+        self._on_kept = on_kept
+        self._on_moved = on_moved
         self._on_lost = on_lost
         self._is_lost = is_lost
         self._metrics = metrics
+        # Revoked partitions whose next owner is not known yet.
+        self._pending: Partitions = set()
+        self._settled = asyncio.Event()
+        self._settled.set()
         # aiokafka logs and swallows listener exceptions; the service polls this instead.
         self.error: RebalanceFailedError | None = None
+
+    def pending(self) -> Partitions:
+        return set(self._pending)
+
+    async def settled(self, tp: TopicPartition) -> None:
+        """Return once ``tp`` is not waiting for an assignment. A task whose partition moved
+        is cancelled by ``on_moved`` while it waits here."""
+        while tp in self._pending:
+            await self._settled.wait()
 
     async def on_partitions_revoked(self, revoked: Partitions) -> None:
         if not revoked:
@@ -39,10 +86,16 @@ class RebalanceHandler(ConsumerRebalanceListener):
                 log.warning("partitions lost (membership fenced); dropping their work "
                             "uncommitted: %s", _names(revoked))
                 self._metrics.rebalances.labels("lost").inc()
+                self._pending -= revoked
+                if not self._pending:
+                    self._settled.set()
                 self._on_lost(set(revoked))
                 return
-            log.info("partitions revoked; draining and committing: %s", _names(revoked))
+            log.info("partitions revoked; committing what finished, in-flight work waits "
+                     "for the next assignment: %s", _names(revoked))
             self._metrics.rebalances.labels("revoked").inc()
+            self._pending |= revoked
+            self._settled.clear()
             await self._on_revoked(set(revoked))
         except Exception as e:
             self.error = RebalanceFailedError(
@@ -50,13 +103,26 @@ class RebalanceHandler(ConsumerRebalanceListener):
             log.error("%s", self.error)
 
     async def on_partitions_assigned(self, assigned: Partitions) -> None:
+        pending, self._pending = self._pending, set()
         try:
+            moved, kept = pending - assigned, pending & assigned
+            if moved:
+                log.info("partitions moved to other members; cancelling their unfinished "
+                         "work, left uncommitted for the new owner: %s", _names(moved))
+                self._metrics.rebalances.labels("moved").inc()
+                self._on_moved(moved)
+            if kept:
+                log.info("partitions kept; their in-flight work goes on: %s", _names(kept))
+                self._metrics.rebalances.labels("kept").inc()
+                self._on_kept(kept)
             log.info("partitions assigned: %s", _names(assigned))
             self._metrics.rebalances.labels("assigned").inc()
             self._on_assigned(set(assigned))
         except Exception as e:
             self.error = RebalanceFailedError(f"taking over {_names(assigned)} failed: {e!r}")
             log.error("%s", self.error)
+        finally:
+            self._settled.set()
 
 
 def _names(tps: Partitions) -> str:

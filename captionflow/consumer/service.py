@@ -35,7 +35,8 @@ from captionflow.consumer.offsets import OffsetTracker
 from captionflow.consumer.pipeline import Output, RecordPipeline, where
 from captionflow.consumer.publish import OutputPublisher
 from captionflow.consumer.readiness import ReadinessWatch
-from captionflow.consumer.rebalance import RebalanceHandler
+from captionflow.consumer.rebalance import RebalanceHandler, consumer_options
+from captionflow.consumer.sizing import export_engine_load, size_worker
 from captionflow.errors import (
     BrokerUnavailableError,
     CaptionflowError,
@@ -71,6 +72,8 @@ class Worker:
         self._backpressure = False
         # Records the poison guard holds: their offsets stay unfinished, so uncommitted.
         self._held: set[tuple[TopicPartition, int]] = set()
+        self._publishing: set[asyncio.Task | None] = set()  # past the handover gate
+        self._by_offset: dict[tuple[TopicPartition, int], asyncio.Task[None]] = {}
         self._guard = PoisonGuard(window_records=settings.worker.poison_window_records,
                                   max_ratio=settings.worker.dead_letter_max_ratio)
         self._consumer: AIOKafkaConsumer | None = None
@@ -139,6 +142,7 @@ class Worker:
                 await self._backend.start()
                 stack.push_async_callback(self._backend.close)
             backend = self._backend
+            s = self._size_from_engine(backend)
             model = str(backend.model_info().get("model", s.serving.model))
             self.metrics.info.labels(captionflow.__version__, s.serving.backend, model,
                                      s.worker.group_id).set(1)
@@ -148,19 +152,15 @@ class Worker:
             batcher = MicroBatcher(
                 partial(backend.caption_tracked, timeout_s=s.serving.request_timeout_s),
                 max_batch_size=s.worker.max_batch_size,
-                max_wait_ms=s.worker.max_wait_ms, max_in_engine=2 * s.worker.max_batch_size,
+                max_wait_ms=s.worker.max_wait_ms,
+                max_in_engine=s.worker.max_in_engine or s.worker.max_batch_size,
                 on_batch=self.metrics.batch_size.observe,
                 on_queue_wait=self.metrics.stage_seconds.labels("queue").observe)
+            self.metrics.engine_queued_requests.set_function(lambda: batcher.queued)
             await batcher.start()
             stack.push_async_callback(batcher.close)
             consumer = self._consumer = make_consumer(
-                s.kafka, client_suffix="-worker", group_id=s.worker.group_id,
-                enable_auto_commit=False, auto_offset_reset=s.worker.auto_offset_reset,
-                session_timeout_ms=s.worker.session_timeout_ms,
-                heartbeat_interval_ms=s.worker.heartbeat_interval_ms,
-                max_poll_interval_ms=s.worker.max_poll_interval_ms,
-                rebalance_timeout_ms=s.worker.rebalance_timeout_ms,
-                max_poll_records=s.worker.max_poll_records)
+                s.kafka, client_suffix="-worker", **consumer_options(s.worker))
             self._committer = Committer(consumer, self._tracker, s.worker, self.metrics)
             self._watch = ReadinessWatch(
                 s, backend=backend, consumer=consumer, guard=self._guard, health=self.health,
@@ -174,8 +174,9 @@ class Worker:
                 metrics=self.metrics, worker_id=self.worker_id, on_dependency=gate.report,
                 stopping=self._stopping.is_set)
             self._rebalance = RebalanceHandler(
-                on_assigned=self._assigned, on_revoked=self._revoked, on_lost=self._lost,
-                is_lost=self._membership_lost, metrics=self.metrics)
+                on_assigned=self._assigned, on_revoked=self._revoked, on_kept=self._kept,
+                on_moved=self._lost, on_lost=self._lost, is_lost=self._membership_lost,
+                metrics=self.metrics)
             consumer.subscribe([s.topics.input], listener=self._rebalance)
             await start_client(consumer, s.kafka, role="worker consumer")
             stack.push_async_callback(consumer.stop)
@@ -198,6 +199,18 @@ class Worker:
             return 1
         log.info("worker stopped cleanly")
         return 0
+
+    def _size_from_engine(self, backend: CaptionBackend) -> Settings:
+        """Requests in the engine and events in flight sized from the started engine
+        (sizing.py), exported beside the engine's own running and waiting counts."""
+        sizing = size_worker(self.settings.worker, self.settings.video, backend.capacity())
+        w = sizing.worker
+        log.info("engine sizing (%s): up to %d requests in the engine, %d events in flight, "
+                 "resume below %d", sizing.source, w.max_in_engine, w.max_in_flight,
+                 w.resume_in_flight)
+        export_engine_load(self.metrics, sizing, backend)
+        self.settings = self.settings.model_copy(update={"worker": w})
+        return self.settings
 
     def _background_done(self, task: asyncio.Task[None]) -> None:
         # A dead commit or readiness loop would leave the worker committing nothing, or
@@ -261,13 +274,15 @@ class Worker:
         self.metrics.last_progress.set(time.time())
 
     def _spawn(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
-        self._tracker.add(tp, record.offset)
+        if not self._tracker.add(tp, record.offset):
+            return  # a kept partition's record that is already in flight or done
         self.metrics.events_consumed.labels(record.topic).inc()
         self.metrics.in_flight.set(self._tracker.in_flight())
         task = asyncio.create_task(self._handle(tp, record, time.monotonic()),
                                    name=f"captionflow-{where(record)}")
         self._tasks.setdefault(tp, set()).add(task)
-        task.add_done_callback(partial(self._task_done, tp))
+        self._by_offset[(tp, record.offset)] = task
+        task.add_done_callback(partial(self._task_done, tp, record.offset))
 
     async def _handle(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes],
                       consumed_at: float) -> None:
@@ -280,8 +295,16 @@ class Worker:
                         where(record), output.event_id, output.error_code)
             self._held.add((tp, record.offset))
             return
+        assert self._rebalance is not None
+        # Only the partition's owner after a rebalance publishes (rebalance.py).
+        await self._rebalance.settled(tp)
         started = time.monotonic()
-        await self._publish(record, output)
+        task = asyncio.current_task()
+        self._publishing.add(task)
+        try:
+            await self._publish(record, output)
+        finally:
+            self._publishing.discard(task)
         now = time.monotonic()
         self.metrics.stage_seconds.labels("publish").observe(now - started)
         self.metrics.stage_seconds.labels("end_to_end").observe(now - consumed_at)
@@ -313,8 +336,9 @@ class Worker:
                                      "against worker.dead_letter_payload_max_bytes") from e
                 output = self._pipeline.dead_letter_output(record, e, output.event_id, 1)
 
-    def _task_done(self, tp: TopicPartition, task: asyncio.Task[None]) -> None:
+    def _task_done(self, tp: TopicPartition, offset: int, task: asyncio.Task[None]) -> None:
         self._tasks.get(tp, set()).discard(task)
+        self._by_offset.pop((tp, offset), None)
         self.metrics.in_flight.set(self._tracker.in_flight())
         if task.cancelled():
             return
@@ -374,20 +398,35 @@ class Worker:
         self.metrics.assigned_partitions.set(len(self._tracker.partitions()))
 
     async def _revoked(self, tps: set[TopicPartition]) -> None:
+        """Commit what finished, in the generation that still owns ``tps``; unfinished work
+        goes on and is kept or cancelled once the next assignment is known (rebalance.py)."""
         assert self._committer is not None
         tasks = set().union(*(self._tasks.get(tp, set()) for tp in tps))
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=self.settings.worker.revoke_grace_s)
-            for task in pending:
-                # Uncommitted, so the next owner redelivers them; cancelling also aborts
-                # their engine requests, which would otherwise hold engine slots.
-                task.cancel()
-            if pending:
-                log.warning("revoke: %d events unfinished after %.0f s; left to the next owner",
-                            len(pending), self.settings.worker.revoke_grace_s)
-                await asyncio.gather(*pending, return_exceptions=True)
+        # Wait (bounded) only for records that hold finished ones back from the commit:
+        # should the partition move, the new owner would publish those again. A record the
+        # poison guard holds has no task left to wait for: it waits for a restart.
+        holes = {t for key in self._tracker.holes(tps)
+                 if (t := self._by_offset.get(key)) is not None}
+        grace_s = self.settings.worker.revoke_grace_s
+        if holes and grace_s > 0:
+            await asyncio.wait(holes, timeout=grace_s)
+        # A record whose output is on its way to the broker is as good as done: let it
+        # finish, so the commit below covers it and a new owner does not publish it again.
+        publishing = tasks & self._publishing
+        if publishing:
+            await asyncio.wait(publishing, timeout=self.settings.worker.commit_timeout_ms / 1000)
+        self._tracker.suspend(tps)
         await self._committer.commit(tps, raise_errors=True)
-        self._forget(tps)
+
+    def _kept(self, tps: set[TopicPartition]) -> None:
+        """A revoked partition came back: commits resume, and fetching resumes after the
+        last record consumed (the consumer would restart from the committed offset)."""
+        assert self._consumer is not None
+        self._tracker.reinstate(tps)
+        for tp in tps:
+            next_offset = self._tracker.next_offset(tp)
+            if next_offset is not None:
+                self._consumer.seek(tp, next_offset)
 
     def _lost(self, tps: set[TopicPartition]) -> None:
         for tp in tps:
@@ -419,6 +458,11 @@ class Worker:
     async def _shutdown(self) -> None:
         self.health.ready = False
         self.metrics.ready.set(0)
+        # Work on a partition revoked in a rebalance still under way is not ours to finish.
+        handing_over = self._rebalance.pending() if self._rebalance is not None else set()
+        for tp in handing_over:
+            for task in self._tasks.get(tp, set()):
+                task.cancel()
         tasks = [t for ts in self._tasks.values() for t in ts]
         if tasks and self._fatal is None:
             grace_s = self.settings.worker.shutdown_grace_s

@@ -54,6 +54,22 @@ class CaptionResult:
     prompt_token_ids: tuple[int, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class EngineCapacity:
+    """How many requests an engine runs at once, read from the engine itself."""
+
+    running: int
+    source: str  # where the figure comes from, for the start-up log
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLoad:
+    """Requests inside the engine now: being run, and queued there for a slot."""
+
+    running: int
+    waiting: int
+
+
 class EngineProgress:
     """Requests in flight and when the engine last showed progress (a token, a finished
     request), so a hung engine can be told from a busy one."""
@@ -114,6 +130,14 @@ class CaptionBackend(abc.ABC):
             return result
         finally:
             progress.ended(ok=ok)
+
+    def capacity(self) -> EngineCapacity | None:
+        """What the started engine runs at once; None when it cannot say."""
+        return None
+
+    def load(self) -> EngineLoad | None:
+        """The engine's running and waiting requests now; None when it cannot say."""
+        return None
 
     @abc.abstractmethod
     async def start(self) -> None: ...

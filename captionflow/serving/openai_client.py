@@ -45,7 +45,13 @@ from captionflow.errors import (
     InvalidRequestError,
     PromptTooLongError,
 )
-from captionflow.serving.base import CaptionBackend, CaptionRequest, CaptionResult
+from captionflow.serving.base import (
+    CaptionBackend,
+    CaptionRequest,
+    CaptionResult,
+    EngineCapacity,
+    EngineLoad,
+)
 from captionflow.serving.prompt import build_messages
 from captionflow.serving.vllm_engine import sampling_values
 from captionflow.video.clip import Clip
@@ -92,6 +98,9 @@ class OpenAIBackend(CaptionBackend):
         self._transport = transport
         self._http: httpx.AsyncClient | None = None
         self._slots = asyncio.Semaphore(settings.openai_max_concurrency)
+        # This worker's requests at the server, and waiting here for one of its slots.
+        self._at_server = 0
+        self._waiting = 0
 
     @property
     def model_name(self) -> str:
@@ -127,6 +136,15 @@ class OpenAIBackend(CaptionBackend):
         except httpx.HTTPError:
             return DependencyState.DOWN
         return _STATE_BY_STATUS.get(response.status_code, DependencyState.DOWN)
+
+    def capacity(self) -> EngineCapacity:
+        return EngineCapacity(self.settings.openai_max_concurrency,
+                              "serving.openai_max_concurrency")
+
+    def load(self) -> EngineLoad:
+        """This worker's share: requests at the server (its own split into running and
+        waiting is on the server's /metrics) and requests waiting here for a slot."""
+        return EngineLoad(running=self._at_server, waiting=self._waiting)
 
     def model_info(self) -> dict[str, Any]:
         return {"model": self.model_name, "backend": self.name,
@@ -174,9 +192,18 @@ class OpenAIBackend(CaptionBackend):
         # PNG-encoding the frames and images is CPU work: keep it off the event loop.
         body = await asyncio.to_thread(self.request_body, request)
         queued = time.perf_counter()
-        async with self._slots:
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+        self._at_server += 1
+        try:
             started = time.perf_counter()
             data = await self._post_with_retries(request.request_id, body)
+        finally:
+            self._at_server -= 1
+            self._slots.release()
         done = time.perf_counter()
         try:
             choice = data["choices"][0]

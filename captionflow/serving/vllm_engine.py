@@ -28,7 +28,15 @@ from captionflow.errors import (
     PromptTooLongError,
 )
 from captionflow.serving import fast_video_processor
-from captionflow.serving.base import SAMPLING_KEYS, CaptionBackend, CaptionRequest, CaptionResult
+from captionflow.serving.base import (
+    SAMPLING_KEYS,
+    CaptionBackend,
+    CaptionRequest,
+    CaptionResult,
+    EngineCapacity,
+    EngineLoad,
+)
+from captionflow.serving.engine_plan import encoder_tokens_needed
 from captionflow.serving.engine_setup import (
     check_engine_limits,
     engine_args,
@@ -36,6 +44,7 @@ from captionflow.serving.engine_setup import (
     plan_engine,
     prepare_vllm_environment,
 )
+from captionflow.serving.engine_stats import SchedulerCounts, engine_capacity
 from captionflow.serving.prompt import (
     QWEN2_5_VL,
     build_messages,
@@ -198,6 +207,7 @@ class VllmBackend(CaptionBackend):
         self._extra_stop_ids: tuple[int, ...] = ()
         # Video metadata and timestamps differ by model family (prompt.video_metadata).
         self._family = QWEN2_5_VL
+        self._scheduler = SchedulerCounts()
 
     @property
     def engine(self) -> Any:
@@ -220,7 +230,8 @@ class VllmBackend(CaptionBackend):
         fast_video_processor.install()
         args = engine_args(self.settings)
         try:
-            self._engine = AsyncLLMEngine.from_engine_args(args)
+            self._engine = AsyncLLMEngine.from_engine_args(
+                args, stat_loggers=[self._scheduler.stat_logger()])
         except (ValueError, TypeError) as e:
             raise ConfigError(
                 f"vLLM refused the serving settings for {self.settings.model}: {e}") from e
@@ -280,6 +291,20 @@ class VllmBackend(CaptionBackend):
             return False
         progress.progressed()
         return True
+
+    def capacity(self) -> EngineCapacity | None:
+        if self._engine is None:
+            return None
+        largest = min(self.settings.max_model_len,
+                      encoder_tokens_needed(self.settings, self._video) + self.settings.max_tokens)
+        return engine_capacity(self._engine, largest)
+
+    def load(self) -> EngineLoad | None:
+        if self._engine is None:
+            return None
+        if not self.progress.in_flight:
+            return EngineLoad(0, 0)  # the scheduler reports nothing once it is idle
+        return self._scheduler.load()
 
     def model_info(self) -> dict[str, Any]:
         return {"model": self.settings.served_model_name or self.settings.model,

@@ -52,9 +52,11 @@ def tiny_model_dir_8k(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_settings(tiny_model_dir: Path, serving_work_dir: Path):
-    """Greedy CPU-engine settings for the tiny model (short outputs keep tests fast)."""
+    """Greedy CPU-engine settings for the tiny model (short outputs keep tests fast), with
+    16 sequences at once so that one engine also shows a worker filling it past the old
+    2 x max_batch_size cap (test_fleet.py)."""
     return tiny_cpu_settings(tiny_model_dir, temperature=0.0, max_tokens=12,
-                             work_dir=serving_work_dir)
+                             work_dir=serving_work_dir, max_num_seqs=16)
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
