@@ -279,22 +279,23 @@ async def caption_event(event: VideoEvent, *, clips: ClipsFn, caption: CaptionFn
     opened = await attempts.run(lambda: clips(event.reference, overrides))
     stream: ClipStream = ClipList(opened, time.monotonic() - started - images_s) \
         if isinstance(opened, list) else opened
-    sampling = clamp_sampling(options.sampling.model_dump(exclude_none=True)
-                              if options and options.sampling else {}, settings.serving)
-    keys = EventKeys.make(cache, stream, settings, event=event, sampling=sampling,
-                          schema=schema, images=images)
-    if keys.content is not None:
-        keys.content = await stream.content_validator()  # type: ignore[attr-defined]
     count = stream.count
     summarize = options.summarize if options and options.summarize is not None \
         else settings.serving.summarize_windows
     # A summary is reserved whenever the video may be windowed (one window counts).
     summaries = 1 if summarize and (count > 1 or settings.video.window_s) else 0
     try:
+        sampling = clamp_sampling(options.sampling.model_dump(exclude_none=True)
+                                  if options and options.sampling else {}, settings.serving)
         budget = TokenBudget(limit=settings.serving.max_completion_tokens_per_event,
                              per_request=sampling["max_tokens"],
                              first_requests=len(prompts) * (count + summaries))
-    except InvalidRequestError:
+        keys = EventKeys.make(cache, stream, settings, event=event, sampling=sampling,
+                              schema=schema, images=images)
+        if keys.content is not None:
+            # Hashes the whole file: an error here must still release the stream.
+            keys.content = await stream.content_validator()  # type: ignore[attr-defined]
+    except BaseException:
         await stream.aclose()
         raise
     got: list[Clip | None] = [None] * count

@@ -174,7 +174,9 @@ async def test_engine_is_filled_to_its_max_num_seqs_past_the_old_cap(
     old hidden cap was 2 x 4 = 8 requests in the engine; sized from the engine, the
     scheduler's running requests reach 16."""
     assert vllm_backend.capacity().running == 16
-    settings = worker_settings(kafka, topics, group_id, tiny_settings,
+    # serving.max_tokens is the ceiling of an event's max_tokens: raised to the 48 asked.
+    settings = worker_settings(kafka, topics, group_id,
+                               tiny_settings.model_copy(update={"max_tokens": 48}),
                                (caption_videos[0].parent,), **{"worker.max_batch_size": 4})
     # Longer outputs keep requests running while the next ones are decoded.
     await publish_events(kafka, topics.input, [

@@ -113,7 +113,8 @@ def prometheus(live_worker, tmp_path: Path) -> Iterator[str]:
     if exe is None:
         pytest.skip("prometheus not installed (apt-get install prometheus; scripts/setup.sh)")
     shipped = yaml.safe_load(PROMETHEUS_YML.read_text())
-    [job] = shipped["scrape_configs"]
+    # The worker's job (the file also scrapes captionflow sink).
+    [job] = [j for j in shipped["scrape_configs"] if j["job_name"] == "captionflow"]
     config = {
         "global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": SCRAPE_INTERVAL},
         "rule_files": [str(ALERTS)],

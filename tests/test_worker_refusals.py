@@ -209,7 +209,11 @@ async def test_broker_killed_with_outputs_queued_pauses_instead_of_publish_faile
         settings = worker_settings(kafka, topics, "qb", tiny_settings,
                                    (caption_videos[0].parent,),
                                    **{"worker.shutdown_grace_s": 2.0,
-                                      "worker.broker_down_exit_s": 0.0})
+                                      "worker.broker_down_exit_s": 0.0,
+                                      # Few requests in the engine at once: outputs finish
+                                      # one by one, so many events are still in flight
+                                      # when the first one is published.
+                                      "worker.max_in_engine": 2})
         # Each caption echoes 20 KB of metadata, more than aiokafka's batch (16 KiB): a
         # second output for a partition waits for the first batch to drain, and with the
         # broker gone that wait ends in KafkaTimeoutError after request_timeout_ms.

@@ -94,9 +94,12 @@ class RebalanceHandler(ConsumerRebalanceListener):
             log.info("partitions revoked; committing what finished, in-flight work waits "
                      "for the next assignment: %s", _names(revoked))
             self._metrics.rebalances.labels("revoked").inc()
+            # This member owns the partitions until it rejoins: while the revoke waits for
+            # holes, their records may still publish (a hole that finishes is then covered
+            # by the revoke's commit). Only after that commit must nothing more publish.
+            await self._on_revoked(set(revoked))
             self._pending |= revoked
             self._settled.clear()
-            await self._on_revoked(set(revoked))
         except Exception as e:
             self.error = RebalanceFailedError(
                 f"handing back {_names(revoked)} failed: {e!r}")

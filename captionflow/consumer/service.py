@@ -126,15 +126,16 @@ class Worker:
             stack.callback(self._http.close)
             log.info("%s on http://%s:%d", "metrics and health" if s.metrics.enabled else
                      "health (metrics.enabled=false)", s.metrics.host, self._http.port)
+            # Before the engine and the broker: a GPU decode device that cannot be opened is
+            # found in a second, not after minutes of loading weights; a machine fault
+            # before a cluster one.
+            frames = self.frames = FrameSource(s.video)
+            stack.push_async_callback(frames.close)
+            await frames.start()
             # Before the engine: a topic that does not exist is found in a second.
             await check_topics(s.kafka, {"topics.input": s.topics.input,
                                          "topics.output": s.topics.output,
                                          "topics.dead_letter": s.topics.dead_letter})
-            # Before the engine: a GPU decode device that cannot be opened is found in a
-            # second, not after minutes of loading weights.
-            frames = self.frames = FrameSource(s.video)
-            stack.push_async_callback(frames.close)
-            await frames.start()
             if self._backend is None:
                 from captionflow.serving.factory import make_backend
                 self._backend = make_backend(s.serving, s.video)
