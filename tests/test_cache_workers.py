@@ -179,3 +179,57 @@ async def test_the_store_killed_mid_stream_costs_only_cache_hits(
     assert counts["error"] + counts["hit"] == 8
     assert len(counting.requests) == 4 + counts["error"]
     assert ready == 1 and up == {"broker": 1, "engine": 1}
+
+
+async def test_a_worker_joining_mid_video_costs_at_most_one_window_again(
+        vllm_backend: CaptionBackend, tiny_settings: Any, kafka, topics, group_id,
+        s3_server: MotoServer, tmp_path: Path) -> None:
+    """Issue 20: a second worker joins while a 12-window video is in flight on the first.
+    Whether its partition stays (the work goes on) or moves (the new owner finds the
+    finished windows in the cache), the engine serves at most one window twice."""
+    long = make_video(tmp_path / "long.mp4", seed=43, frames=2 * WINDOWS * 2, fps=2)
+    bucket, prefix = s3_server.new_bucket("joins"), "captions/"
+    standin = OpenAIStandIn(vllm_backend, model="tiny")
+    await standin.start()
+    serving = tiny_settings.model_copy(update={"backend": "openai",
+                                               "openai_base_url": standin.base_url,
+                                               "served_model_name": "tiny"})
+    settings = worker_settings(kafka, topics, group_id, serving, (tmp_path,), **{
+        "video.s3_endpoint_url": s3_server.endpoint_url, "video.s3_addressing_style": "path",
+        "video.window_s": 2.0, "video.fps": 1.0, "video.windows_in_flight": 1})
+    settings = settings.model_copy(update={"cache": Settings(cache={
+        "enabled": True, "store": f"s3://{bucket}/{prefix}"}).cache})
+    config = tmp_path / "worker.json"
+    config.write_bytes(orjson.dumps(settings.model_dump(mode="json")))
+    log = tmp_path / "workers.log"
+    standin.delay_s = 0.4  # windows finish one by one, so the join lands mid-video
+    a = _spawn(config, log)
+    b: subprocess.Popen[bytes] | None = None
+    try:
+        async with Publisher(kafka, topic=topics.input) as pub:
+            await pub.send(VideoEvent(id="long", video=[str(long)]))
+        deadline = time.monotonic() + 120
+        while _entries(s3_server, bucket, prefix) < WINDOWS // 2:
+            assert time.monotonic() < deadline and a.poll() is None, log.read_text()[-3000:]
+            await asyncio.sleep(0.02)
+        asked_at_join = standin.by_event()["long"]
+        b = _spawn(config, log)
+        event = await _caption_of(kafka, topics.output, "long", a, log, 180)
+        await wait_all_committed(kafka, topics.input, group_id)
+        for proc in (a, b):
+            proc.send_signal(signal.SIGTERM)
+        assert a.wait(timeout=40) == 0 and b.wait(timeout=40) == 0, log.read_text()[-3000:]
+    finally:
+        _kill(a)
+        if b is not None:
+            _kill(b)
+        await standin.stop()
+    asked = standin.by_event()["long"]
+    print(f"\njoined after {asked_at_join} window requests; {asked} in all")
+    assert WINDOWS // 2 <= asked_at_join < WINDOWS
+    assert asked <= WINDOWS + 1
+    assert [w.index for w in event.windows or []] == list(range(WINDOWS))
+    captions = [e for e in map(decode_caption_event, (r.value for r in await read_topic(
+        kafka, topics.output, expected=1, timeout_s=2, settle_s=0.5))) if e.id == "long"]
+    assert len(captions) == 1, "the video was published once"
+    assert not await read_topic(kafka, topics.dead_letter, expected=0, timeout_s=1, settle_s=0)
