@@ -198,7 +198,7 @@ def test_health_endpoints_over_real_http() -> None:
     import urllib.error
     import urllib.request
 
-    from captionflow.consumer.health import HealthServer, HealthState
+    from captionflow.health import HealthServer, HealthState
 
     metrics = Metrics.fresh()
     metrics.events_captioned.inc(3)

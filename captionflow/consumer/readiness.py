@@ -18,7 +18,7 @@ from aiokafka.errors import KafkaError
 from captionflow.config import Settings
 from captionflow.consumer.dependencies import DependencyGate
 from captionflow.consumer.guard import PoisonGuard
-from captionflow.consumer.health import HealthState
+from captionflow.health import HealthState
 from captionflow.errors import (
     Dependency,
     DependencyState,

@@ -30,7 +30,7 @@ from captionflow.consumer.commit import Committer
 from captionflow.consumer.dependencies import DependencyGate
 from captionflow.consumer.frames import timed_clips
 from captionflow.consumer.guard import PoisonGuard
-from captionflow.consumer.health import HealthServer, HealthState
+from captionflow.health import HealthServer, HealthState
 from captionflow.consumer.offsets import OffsetTracker
 from captionflow.consumer.pipeline import Output, RecordPipeline, where
 from captionflow.consumer.publish import OutputPublisher

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from aiokafka import AIOKafkaConsumer
 
 from captionflow.config import Settings
-from captionflow.consumer.health import HealthState
+from captionflow.health import HealthState
 from captionflow.errors import Dependency
 from captionflow.sink.metrics import SinkMetrics
 from captionflow.sink.stores import Store

@@ -32,7 +32,7 @@ from aiokafka.structs import ConsumerRecord
 from prometheus_client import CollectorRegistry
 
 from captionflow.config import Settings
-from captionflow.consumer.health import HealthServer, HealthState
+from captionflow.health import HealthServer, HealthState
 from captionflow.errors import BrokerUnavailableError, ConfigError, Dependency, DependencyError
 from captionflow.kafka import make_consumer, start_client
 from captionflow.sink.buffer import PartitionBuffer

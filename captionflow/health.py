@@ -1,4 +1,5 @@
-"""The worker's HTTP endpoints: /metrics, /healthz (liveness), /readyz (readiness).
+"""HTTP endpoints of a service (the worker, the sink): /metrics, /healthz (liveness) and
+/readyz (readiness).
 /metrics is left out (404) when the worker runs with metrics.enabled=false; the probes never.
 
 Served from a thread so that a busy or stuck event loop cannot hide itself from the
