@@ -466,7 +466,10 @@ class WorkerSettings(_Section):
 
     @model_validator(mode="after")
     def _watermarks(self) -> WorkerSettings:
-        if self.resume_in_flight >= self.max_in_flight:
+        # A resume watermark left unset is sized below the high one (consumer/sizing.py), so
+        # only one given explicitly can contradict it.
+        if "resume_in_flight" in self.model_fields_set \
+                and self.resume_in_flight >= self.max_in_flight:
             raise ValueError("worker.resume_in_flight must be below worker.max_in_flight")
         if self.heartbeat_interval_ms >= self.session_timeout_ms:
             raise ValueError("worker.heartbeat_interval_ms must be below worker.session_timeout_ms")

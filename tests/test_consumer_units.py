@@ -250,6 +250,12 @@ def test_worker_sized_from_the_engine_not_from_a_constant() -> None:
     w = size_worker(WorkerSettings(max_in_flight=8, resume_in_flight=4, max_in_engine=6),
                     video, EngineCapacity(32, "x")).worker
     assert (w.max_in_engine, w.max_in_flight, w.resume_in_flight) == (6, 8, 4)
+    # Either watermark alone: the other is sized around it (neither refused at load).
+    w = size_worker(WorkerSettings(max_in_flight=12), video, EngineCapacity(32, "x")).worker
+    assert (w.max_in_flight, w.resume_in_flight) == (12, 11)
+    w = size_worker(WorkerSettings(resume_in_flight=30), video,
+                    EngineCapacity(8, "x")).worker
+    assert (w.max_in_flight, w.resume_in_flight) == (31, 30)
     # An engine that cannot say: one batch running, one waiting.
     w = size_worker(WorkerSettings(max_batch_size=8), video, None).worker
     assert w.max_in_engine == 16 and w.max_in_flight == 24

@@ -48,10 +48,13 @@ def size_worker(worker: WorkerSettings, video: VideoSettings,
     wanted = in_engine + max(batch, video.decode_workers)
     update: dict[str, int] = {"max_in_engine": in_engine}
     if "max_in_flight" not in given:
-        update["max_in_flight"] = wanted
+        update["max_in_flight"] = wanted if "resume_in_flight" not in given \
+            else max(wanted, worker.resume_in_flight + 1)
         if "resume_in_flight" not in given:
             update["resume_in_flight"] = min(in_engine, wanted - 1)
-    elif worker.max_in_flight < wanted:
+    elif "resume_in_flight" not in given:
+        update["resume_in_flight"] = min(in_engine, worker.max_in_flight - 1)
+    if "max_in_flight" in given and worker.max_in_flight < wanted:
         log.warning("worker.max_in_flight=%d is below the %d events that keep the engine "
                     "full (%d in the engine, %s, plus a batch being decoded): the engine "
                     "will idle behind the worker", worker.max_in_flight, wanted, in_engine,
