@@ -70,12 +70,11 @@ async def _caption_of(kafka: Any, topic: str, event_id: str, proc: subprocess.Po
         await asyncio.sleep(0.2)
 
 
-async def test_a_long_video_killed_after_six_windows_resumes_on_the_next_worker_via_s3(
-        vllm_backend: CaptionBackend, tiny_settings: Any, kafka, topics, group_id,
-        s3_server: MotoServer, tmp_path: Path) -> None:
-    short = make_video(tmp_path / "short.mp4", seed=41)
-    long = make_video(tmp_path / "long.mp4", seed=42, frames=2 * WINDOWS * 2, fps=2)
-    bucket, prefix = s3_server.new_bucket("cache"), "captions/"
+async def _windowed_workers(vllm_backend: CaptionBackend, tiny_settings: Any, kafka: Any,
+                            topics: Any, group_id: str, s3_server: MotoServer,
+                            tmp_path: Path, store: str) -> tuple[OpenAIStandIn, Path, Path]:
+    """A started counting stand-in in front of the shared engine, and the config file of
+    workers that caption 2 s windows through it with the caption cache at ``store``."""
     standin = OpenAIStandIn(vllm_backend, model="tiny")
     await standin.start()
     serving = tiny_settings.model_copy(update={"backend": "openai",
@@ -85,10 +84,21 @@ async def test_a_long_video_killed_after_six_windows_resumes_on_the_next_worker_
         "video.s3_endpoint_url": s3_server.endpoint_url, "video.s3_addressing_style": "path",
         "video.window_s": 2.0, "video.fps": 1.0, "video.windows_in_flight": 1})
     settings = settings.model_copy(update={"cache": Settings(cache={
-        "enabled": True, "store": f"s3://{bucket}/{prefix}"}).cache})
+        "enabled": True, "store": store}).cache})
     config = tmp_path / "worker.json"
     config.write_bytes(orjson.dumps(settings.model_dump(mode="json")))
-    log = tmp_path / "workers.log"
+    return standin, config, tmp_path / "workers.log"
+
+
+async def test_a_long_video_killed_after_six_windows_resumes_on_the_next_worker_via_s3(
+        vllm_backend: CaptionBackend, tiny_settings: Any, kafka, topics, group_id,
+        s3_server: MotoServer, tmp_path: Path) -> None:
+    short = make_video(tmp_path / "short.mp4", seed=41)
+    long = make_video(tmp_path / "long.mp4", seed=42, frames=2 * WINDOWS * 2, fps=2)
+    bucket, prefix = s3_server.new_bucket("cache"), "captions/"
+    standin, config, log = await _windowed_workers(
+        vllm_backend, tiny_settings, kafka, topics, group_id, s3_server, tmp_path,
+        f"s3://{bucket}/{prefix}")
     standin.delay_s = 0.4  # windows finish one by one, so the kill lands mid-video
     a = _spawn(config, log)
     try:
@@ -189,19 +199,9 @@ async def test_a_worker_joining_mid_video_costs_at_most_one_window_again(
     finished windows in the cache), the engine serves at most one window twice."""
     long = make_video(tmp_path / "long.mp4", seed=43, frames=2 * WINDOWS * 2, fps=2)
     bucket, prefix = s3_server.new_bucket("joins"), "captions/"
-    standin = OpenAIStandIn(vllm_backend, model="tiny")
-    await standin.start()
-    serving = tiny_settings.model_copy(update={"backend": "openai",
-                                               "openai_base_url": standin.base_url,
-                                               "served_model_name": "tiny"})
-    settings = worker_settings(kafka, topics, group_id, serving, (tmp_path,), **{
-        "video.s3_endpoint_url": s3_server.endpoint_url, "video.s3_addressing_style": "path",
-        "video.window_s": 2.0, "video.fps": 1.0, "video.windows_in_flight": 1})
-    settings = settings.model_copy(update={"cache": Settings(cache={
-        "enabled": True, "store": f"s3://{bucket}/{prefix}"}).cache})
-    config = tmp_path / "worker.json"
-    config.write_bytes(orjson.dumps(settings.model_dump(mode="json")))
-    log = tmp_path / "workers.log"
+    standin, config, log = await _windowed_workers(
+        vllm_backend, tiny_settings, kafka, topics, group_id, s3_server, tmp_path,
+        f"s3://{bucket}/{prefix}")
     standin.delay_s = 0.4  # windows finish one by one, so the join lands mid-video
     a = _spawn(config, log)
     b: subprocess.Popen[bytes] | None = None

@@ -168,6 +168,10 @@ async def test_partition_that_stays_keeps_its_in_flight_work(
     assert codes == [0, 0], text[-3000:]
 
 
+# The hidden cap this replaced: 2 x max_batch_size, with max_batch_size 4 below.
+OLD_CAP = 8
+
+
 async def test_engine_is_filled_to_its_max_num_seqs_past_the_old_cap(
         kafka, topics, group_id, vllm_backend, tiny_settings, caption_videos) -> None:
     """The shared CPU engine runs 16 sequences (tiny_settings). With max_batch_size 4 the
@@ -193,10 +197,11 @@ async def test_engine_is_filled_to_its_max_num_seqs_past_the_old_cap(
         while not reader.done():
             running_now = vllm_backend.load().running
             peak = max(peak, running_now)
-            if running_now == 16 and not (peak_exported == 16 and peak_vllm in (None, 16)):
-                # Collecting a registry costs milliseconds: only while the engine is full.
+            # Collecting a registry costs milliseconds: only while the engine is that full.
+            if running_now == 16 and peak_exported < 16:
                 peak_exported = max(peak_exported, worker.metrics.registry.get_sample_value(
                     "captionflow_engine_requests", {"state": "running"}) or 0)
+            if running_now > OLD_CAP and (peak_vllm or 0) <= OLD_CAP:
                 running = _vllm_running()
                 if running is not None:
                     peak_vllm = max(peak_vllm or 0, running)
@@ -206,8 +211,11 @@ async def test_engine_is_filled_to_its_max_num_seqs_past_the_old_cap(
         assert len(reader.result()) >= 48, (len(reader.result()), dead[:1], ticks)
     assert peak == 16, f"the scheduler ran at most {peak} of 16 sequences"
     assert peak_exported == 16, "captionflow_engine_requests{state=running} never showed 16"
-    # vLLM's own gauge, unless another engine of this session took its registration.
-    assert peak_vllm in (None, 16), f"vllm:num_requests_running showed at most {peak_vllm}"
+    # vLLM's own gauge (unless another engine of this session took its registration) is
+    # refreshed once per logging step, so it can miss the scheduler's exact peak: it must
+    # show more than the old cap.
+    assert peak_vllm is None or peak_vllm > OLD_CAP, \
+        f"vllm:num_requests_running showed at most {peak_vllm}"
 
 
 async def publish_events(kafka, topic: str, events: list[dict], *,
