@@ -69,6 +69,11 @@ class RebalanceHandler(ConsumerRebalanceListener):
         # aiokafka logs and swallows listener exceptions; the service polls this instead.
         self.error: RebalanceFailedError | None = None
 
+    def hold(self, tps: Partitions) -> None:
+        """From now until the next assignment, records of ``tps`` may not publish."""
+        self._pending |= tps
+        self._settled.clear()
+
     def pending(self) -> Partitions:
         return set(self._pending)
 
@@ -96,10 +101,9 @@ class RebalanceHandler(ConsumerRebalanceListener):
             self._metrics.rebalances.labels("revoked").inc()
             # This member owns the partitions until it rejoins: while the revoke waits for
             # holes, their records may still publish (a hole that finishes is then covered
-            # by the revoke's commit). Only after that commit must nothing more publish.
+            # by the revoke's commit). The revoke calls hold() before it commits.
             await self._on_revoked(set(revoked))
-            self._pending |= revoked
-            self._settled.clear()
+            self.hold(revoked)
         except Exception as e:
             self.error = RebalanceFailedError(
                 f"handing back {_names(revoked)} failed: {e!r}")

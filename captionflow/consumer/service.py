@@ -411,8 +411,11 @@ class Worker:
         grace_s = self.settings.worker.revoke_grace_s
         if holes and grace_s > 0:
             await asyncio.wait(holes, timeout=grace_s)
-        # A record whose output is on its way to the broker is as good as done: let it
-        # finish, so the commit below covers it and a new owner does not publish it again.
+        # No record of tps publishes after this commit (a moved partition's new owner
+        # would publish it again); one already on its way to the broker is as good as done:
+        # let it finish, so the commit below covers it.
+        assert self._rebalance is not None
+        self._rebalance.hold(tps)
         publishing = tasks & self._publishing
         if publishing:
             await asyncio.wait(publishing, timeout=self.settings.worker.commit_timeout_ms / 1000)

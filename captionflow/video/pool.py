@@ -105,6 +105,8 @@ def child_main(conn: Connection, memory_limit_bytes: int, device: str = "cpu") -
                 _decode_to_memfd(conn, device_error is not None, **kwargs)
             else:
                 raise InternalError(f"unknown decoder task {task!r}")
+        except (BrokenPipeError, ConnectionResetError):
+            return  # the parent died mid-task: nobody is left to answer
         except MemoryError:
             conn.send(_out_of_memory(memory_limit_bytes))
         except Exception as e:
