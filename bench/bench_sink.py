@@ -228,7 +228,7 @@ async def main(args: argparse.Namespace) -> None:
                 print(f"{dest}: sink/reference rows/s, each run: "
                       f"{', '.join(f'{x:.2f}' for x in ratios)}; median "
                       f"{statistics.median(ratios):.2f}", flush=True)
-        print(f"\n| destination | writer | rows/s | JSON in MB/s | Parquet out MB/s | s |")
+        print("\n| destination | writer | rows/s | JSON in MB/s | Parquet out MB/s | s |")
         print("|---|---|---:|---:|---:|---:|")
         for dest, what, rps, mbs_in, mbs_out, s in results:
             print(f"| {dest} | {what} | {rps:,.0f} | {mbs_in:.1f} | {mbs_out:.1f} | {s:.2f} |")

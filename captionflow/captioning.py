@@ -39,7 +39,6 @@ from captionflow.caption_result import (
     EventCaption,
     joined,
     summary_prompt,
-    window_end_s,
 )
 from captionflow.quality import (
     REGENERATE,

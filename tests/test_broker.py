@@ -109,6 +109,7 @@ def test_cli_broker_on_a_taken_port_says_so_and_offers_port_0() -> None:
     assert f"port {port} on 127.0.0.1 is taken" in got.stderr and "--port 0" in got.stderr
 
 
+@pytest.mark.xdist_group("fixed_ports")  # 9092, as test_walkthrough.py
 def test_cli_broker_defaults_to_the_port_the_other_commands_use() -> None:
     from captionflow.broker import port_free
 

@@ -24,7 +24,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 SECTION = "## Caption your own videos in five minutes"
 GPU_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+# Fixed ports (9092, 9400): run on the same xdist worker as every other user of them.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900), pytest.mark.xdist_group("fixed_ports")]
 
 
 def walkthrough_blocks() -> list[list[str]]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -22,6 +21,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from captionflow.aio import in_daemon_thread
 from captionflow.cache.key import caption_key, engine_identity, sampled_without_seed
 from captionflow.cache.stores import Store, open_store
 from captionflow.caption_result import Caption
@@ -197,7 +197,7 @@ class CaptionCache:
                 f"cache.retry_after_ms={self._retry_after_s * 1000:.0f}")
         try:
             async with asyncio.timeout(self._timeout_s):
-                return await _in_daemon_thread(fn, *args)
+                return await in_daemon_thread(fn, *args, name="captionflow-cache")
         except TimeoutError as e:
             raise CacheUnavailableError(
                 f"cache store {self.store.url} did not answer within cache.timeout_ms="
@@ -246,31 +246,3 @@ def open_cache(settings: Settings, *, model: str,
     return CaptionCache(store, engine=engine_identity(settings, model), model=model,
                         timeout_ms=c.timeout_ms, retry_after_ms=c.retry_after_ms,
                         cache_sampled=settings.serving.cache_sampled, metrics=metrics)
-
-
-async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` in a daemon thread, so a store call stuck past its timeout never
-    holds the process's exit (an executor's threads are joined at exit)."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def deliver(ok: bool, value: Any) -> None:
-        if future.done():
-            return
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
-
-    def body() -> None:
-        try:
-            result: tuple[bool, Any] = (True, fn(*args))
-        except BaseException as e:  # handed to the awaiting task
-            result = (False, e)
-        try:
-            loop.call_soon_threadsafe(deliver, *result)
-        except RuntimeError:  # the loop is gone: nobody waits any more
-            pass
-
-    threading.Thread(target=body, name="captionflow-cache", daemon=True).start()
-    return await future

@@ -51,7 +51,6 @@ from captionflow.video.source import FrameSource
 log = logging.getLogger(__name__)
 
 
-
 class Worker:
     """One consumer-group member. ``await worker.run()`` returns the process exit code:
     0 after a graceful stop, 1 after a fatal error (nothing unfinished committed)."""

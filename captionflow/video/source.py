@@ -15,14 +15,14 @@ import asyncio
 import dataclasses
 import shutil
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
+from captionflow.aio import in_daemon_thread
 from captionflow.config import VideoSettings
 from captionflow.errors import (
     CaptionflowError,
@@ -40,8 +40,6 @@ from captionflow.video.pool import DecodePool
 from captionflow.video.sampling import SamplingPolicy
 from captionflow.video.validator import content_validator
 from captionflow.video.windows import plan_windows
-
-T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -314,8 +312,9 @@ class FrameSource:
         settings = self._settings
         policy = SamplingPolicy.from_settings(settings, overrides)
         started = time.monotonic()
-        video = await _guard(reference, _in_daemon_thread(
-            fetch, reference, self._fetch_settings))
+        video = await _guard(reference, in_daemon_thread(
+            fetch, reference, self._fetch_settings, name="captionflow-fetch",
+            release=_release_video))
         fetch_s = time.monotonic() - started
         fetched_bytes = video.bytes_read
         try:
@@ -369,33 +368,7 @@ async def _guard(reference: str, work: Any) -> Any:
                          code=ErrorCode.INTERNAL) from e
 
 
-async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` in a daemon thread: unlike an executor's threads, interpreter exit
-    does not join it, so a fetch in progress never holds shutdown. If the awaiting task is
-    cancelled, a finished result is released."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def deliver(ok: bool, value: Any) -> None:
-        if future.cancelled():
-            if ok and isinstance(value, LocalVideo):
-                value.release()
-            return
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
-
-    def body() -> None:
-        try:
-            result: tuple[bool, Any] = (True, fn(*args))
-        except BaseException as e:  # handed to the awaiting task
-            result = (False, e)
-        try:
-            loop.call_soon_threadsafe(deliver, *result)
-        except RuntimeError:  # the loop is gone (shutdown): nobody is waiting any more
-            if result[0] and isinstance(result[1], LocalVideo):
-                result[1].release()
-
-    threading.Thread(target=body, name="captionflow-fetch", daemon=True).start()
-    return await future
+def _release_video(video: object) -> None:
+    # A fetch finished after its caller gave up: its temporary file is nobody's now.
+    if isinstance(video, LocalVideo):
+        video.release()

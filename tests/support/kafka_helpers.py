@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 
-from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from captionflow.config import KafkaSettings
