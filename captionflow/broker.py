@@ -15,8 +15,8 @@ import os
 import shutil
 import signal
 import socket
-import sys
 import subprocess
+import sys
 import tempfile
 import threading
 import time

@@ -16,6 +16,15 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from captionflow.cache import CaptionCache
+from captionflow.cache.event_keys import EventKeys
+from captionflow.cache.through import through_cache
+from captionflow.caption_result import (
+    Caption,
+    EventCaption,
+    joined,
+    summary_prompt,
+)
 from captionflow.config import Settings, WorkerSettings
 from captionflow.errors import (
     CaptionflowError,
@@ -30,15 +39,6 @@ from captionflow.event_limits import (
     check_prompt_count,
     check_schema_size,
     clamp_sampling,
-)
-from captionflow.cache import CaptionCache
-from captionflow.cache.event_keys import EventKeys
-from captionflow.cache.through import through_cache
-from captionflow.caption_result import (
-    Caption,
-    EventCaption,
-    joined,
-    summary_prompt,
 )
 from captionflow.quality import (
     REGENERATE,

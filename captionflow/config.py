@@ -432,7 +432,8 @@ class WorkerSettings(_Section):
     # nothing to do (idle, or waiting on a dependency that is down and being probed).
     liveness_timeout_s: float = Field(60.0, gt=0)
     # How long the group coordinator waits for this member to rejoin during a rebalance;
-    # must cover the revoke drain plus the final commit, or the member is expelled.
+    # must cover the revoke drain, the publishes in progress and the commit, or the member is
+    # expelled.
     rebalance_timeout_ms: int = Field(60_000, gt=0)
     # Bound on one offset commit (revoke, shutdown, interval).
     commit_timeout_ms: int = Field(5_000, gt=0)
@@ -475,11 +476,14 @@ class WorkerSettings(_Section):
             raise ValueError("worker.heartbeat_interval_ms must be below worker.session_timeout_ms")
         if self.revoke_grace_s * 1000 >= self.max_poll_interval_ms:
             raise ValueError("worker.revoke_grace_s must fit inside worker.max_poll_interval_ms")
-        if self.rebalance_timeout_ms < self.revoke_grace_s * 1000 + self.commit_timeout_ms:
+        # A revoke waits up to revoke_grace_s for holes, then up to commit_timeout_ms for
+        # outputs already on their way to the broker, then commits (commit_timeout_ms).
+        if self.rebalance_timeout_ms < self.revoke_grace_s * 1000 + 2 * self.commit_timeout_ms:
             raise ValueError(
                 f"worker.rebalance_timeout_ms ({self.rebalance_timeout_ms}) must cover "
-                f"worker.revoke_grace_s ({self.revoke_grace_s} s) plus worker.commit_timeout_ms "
-                f"({self.commit_timeout_ms}); otherwise a draining member misses the rejoin "
+                f"worker.revoke_grace_s ({self.revoke_grace_s} s) plus twice "
+                f"worker.commit_timeout_ms ({self.commit_timeout_ms}, the publishes in progress "
+                "and the commit); otherwise a draining member misses the rejoin "
                 "deadline and its commit fails: raise it or lower revoke_grace_s")
         if self.engine_stall_exit_s <= self.engine_stall_s:
             raise ValueError("worker.engine_stall_exit_s must be above worker.engine_stall_s")

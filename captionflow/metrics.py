@@ -148,6 +148,11 @@ class Metrics:
             "captionflow_poison_guard_tripped",
             "1 when the poison guard stopped consumption (the code is in /readyz and the log).",
             registry=r)
+        self.events_held = Counter(
+            "captionflow_events_held_total",
+            "Records the tripped poison guard held instead of dead-lettering them, by error "
+            "code: left uncommitted, they are redelivered after a restart.", ["code"],
+            registry=r)
         self.outputs_reduced = Counter(
             "captionflow_outputs_reduced_total",
             "Caption events that dropped echoed fields to fit the producer's size limit.",

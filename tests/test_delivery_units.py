@@ -306,7 +306,9 @@ async def test_a_cancelled_waiter_aborts_its_running_request() -> None:
 def test_rebalance_timeout_must_cover_the_revoke_drain_and_commit() -> None:
     with pytest.raises(ValueError, match="rebalance_timeout_ms"):
         WorkerSettings(revoke_grace_s=30, rebalance_timeout_ms=20_000)
-    WorkerSettings(revoke_grace_s=10, commit_timeout_ms=5000, rebalance_timeout_ms=15_000)
+    with pytest.raises(ValueError, match="twice worker.commit_timeout_ms"):
+        WorkerSettings(revoke_grace_s=10, commit_timeout_ms=5000, rebalance_timeout_ms=15_000)
+    WorkerSettings(revoke_grace_s=10, commit_timeout_ms=5000, rebalance_timeout_ms=20_000)
 
 
 # --- stopping -------------------------------------------------------------------------------

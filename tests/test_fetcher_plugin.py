@@ -86,3 +86,28 @@ def test_the_built_in_fetchers_load_only_when_their_scheme_is_used() -> None:
             "f.fetcher_for('https'); assert loaded() == {'captionflow.video.fetch'}, loaded(); "
             "f.fetcher_for('s3'); assert 'captionflow.video.s3' in loaded(), loaded()")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_a_broken_registration_is_a_config_error_at_start_not_a_dead_letter() -> None:
+    import asyncio
+
+    from captionflow.errors import ConfigError, ErrorCode, FatalError
+    from captionflow.video import FrameSource
+
+    register_fetcher("broken", "tests.no_such_module:fetch")
+    with pytest.raises(FatalError, match="cannot be imported") as info:
+        fetcher_for("broken")
+    assert info.value.code == ErrorCode.CONFIG_INVALID
+
+    async def start(schemes: tuple[str, ...]) -> None:
+        frames = FrameSource(VideoSettings(allowed_schemes=schemes))
+        try:
+            await frames.start()
+        finally:
+            await frames.close()
+
+    with pytest.raises(ConfigError, match="broken://"):
+        asyncio.run(start(("file", "broken")))
+    with pytest.raises(ConfigError, match="no fetcher is registered for gs://"):
+        asyncio.run(start(("file", "gs")))
+    asyncio.run(start(("file", "http", "https", "s3")))

@@ -173,9 +173,10 @@ async def test_a_revoke_does_not_wait_the_grace_on_records_the_poison_guard_hold
     try:
         async with running_worker(settings, vllm_backend) as (first, _):
             await wait_until(lambda: first._guard.tripped_code is not None, timeout_s=60)
-            await wait_until(lambda: len(first._held) > 0, timeout_s=30)
+            held_total = first.metrics.events_held.labels("video_not_found")
+            await wait_until(lambda: held_total._value.get() > 0, timeout_s=30)
             await asyncio.sleep(0.5)
-            held = len(first._held)
+            held = int(held_total._value.get())
             revoked = first.metrics.rebalances.labels("revoked")
             before = revoked._value.get()
             joined_at = time.monotonic()

@@ -1,9 +1,8 @@
 """Batch files in S3: ``s3://bucket/key`` outputs, checkpoints and DataFlow cache paths.
 
-Written through the sink's S3 store (:class:`captionflow.sink.s3_store.S3Store`: one PUT,
-or a multipart upload that is completed or aborted, so a reader and a resumed run see the
-previous checkpoint or the new one, never half a file), and read with the same client and
-credential chain as video reads.
+Written whole (:func:`captionflow.s3.put_whole`: one PUT, or a multipart upload that is
+completed or aborted, so a reader and a resumed run see the previous checkpoint or the new
+one, never half a file), and read with the same client and credential chain as video reads.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from pathlib import Path
 
 from captionflow.config import SinkSettings, VideoSettings
 from captionflow.errors import ConfigError
-from captionflow.video.s3 import S3Config, client_for, parse_s3_url, store_error
+from captionflow.s3 import S3Config, client_for, parse_s3_url, put_whole, store_error
 
 
 def remote_url(path: str | Path) -> str | None:
@@ -47,9 +46,11 @@ def read_remote(url: str, video: VideoSettings | None = None) -> bytes | None:
 
 
 def write_remote(url: str, body: bytes, video: VideoSettings | None = None) -> None:
-    from captionflow.sink.s3_store import S3Store
-
     bucket, key = parse_s3_url(url)
     if key.endswith("/"):
         raise ConfigError(f"{url} names a folder; batch output needs a file name")
-    S3Store(bucket, "", _config(video), part_bytes=SinkSettings().s3_part_bytes).put(key, body)
+    try:
+        put_whole(client_for(_config(video)), bucket, key, body,
+                  part_bytes=SinkSettings().s3_part_bytes)
+    except Exception as e:
+        raise store_error(e, f"writing {url}") from e

@@ -1,6 +1,6 @@
 """The shared store: an S3 (or S3-compatible) prefix, ``s3://bucket/prefix/``.
 
-It reuses the video reader's client stack (``captionflow.video.s3``: boto3, the whole AWS
+It reuses the video reader's client stack (``captionflow.s3``: boto3, the whole AWS
 credential chain, ``video.s3_endpoint_url``/region/profile), with the connect and read
 timeouts of ``cache.timeout_ms`` and a single attempt: a slow store makes a miss, not a
 wait. An entry is one object; PUTs of one key write the same bytes, so nothing is locked.
@@ -14,7 +14,7 @@ from typing import Any
 from captionflow.cache.stores import object_name
 from captionflow.config import CacheSettings, VideoSettings
 from captionflow.errors import CacheUnavailableError, ConfigError
-from captionflow.video.s3 import S3Config, client_for
+from captionflow.s3 import S3Config, client_for
 
 _MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
 

@@ -18,7 +18,6 @@ from aiokafka.errors import KafkaError
 from captionflow.config import Settings
 from captionflow.consumer.dependencies import DependencyGate
 from captionflow.consumer.guard import PoisonGuard
-from captionflow.health import HealthState
 from captionflow.errors import (
     Dependency,
     DependencyState,
@@ -27,6 +26,7 @@ from captionflow.errors import (
     FatalError,
     PublishFailedError,
 )
+from captionflow.health import HealthState
 from captionflow.metrics import Metrics
 from captionflow.serving.base import CaptionBackend
 from captionflow.video.s3 import probe_object_store

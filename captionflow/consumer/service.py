@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
 import time
 from contextlib import AsyncExitStack
@@ -24,25 +23,27 @@ from aiokafka.structs import ConsumerRecord
 from prometheus_client import REGISTRY
 
 import captionflow
+from captionflow.aio import install_stop_signals
 from captionflow.config import Settings
 from captionflow.consumer.batch import MicroBatcher
 from captionflow.consumer.commit import Committer
+from captionflow.consumer.deliver import deliver
 from captionflow.consumer.dependencies import DependencyGate
+from captionflow.consumer.flow import PartitionFlow
 from captionflow.consumer.frames import timed_clips
 from captionflow.consumer.guard import PoisonGuard
-from captionflow.health import HealthServer, HealthState
+from captionflow.consumer.inflight import InFlightTasks
 from captionflow.consumer.offsets import OffsetTracker
-from captionflow.consumer.pipeline import Output, RecordPipeline, where
+from captionflow.consumer.pipeline import RecordPipeline, where
 from captionflow.consumer.publish import OutputPublisher
 from captionflow.consumer.readiness import ReadinessWatch
 from captionflow.consumer.rebalance import RebalanceHandler, consumer_options
-from captionflow.consumer.sizing import export_engine_load, size_worker
+from captionflow.consumer.sizing import size_from_engine
 from captionflow.errors import (
-    BrokerUnavailableError,
     CaptionflowError,
     FatalError,
-    OutputTooLargeError,
 )
+from captionflow.health import HealthServer, HealthState
 from captionflow.kafka import check_topics, make_consumer, refusal, start_client
 from captionflow.metrics import Metrics
 from captionflow.serving.base import CaptionBackend
@@ -65,19 +66,15 @@ class Worker:
         self._backend = backend
         self._owns_backend = backend is None
         self._tracker = OffsetTracker()
-        self._tasks: dict[TopicPartition, set[asyncio.Task[None]]] = {}
+        self._tasks = InFlightTasks()
         self._stopping = asyncio.Event()
         self._fatal: FatalError | None = None
-        self._backpressure = False
-        # Records the poison guard holds: their offsets stay unfinished, so uncommitted.
-        self._held: set[tuple[TopicPartition, int]] = set()
-        self._publishing: set[asyncio.Task | None] = set()  # past the handover gate
-        self._by_offset: dict[tuple[TopicPartition, int], asyncio.Task[None]] = {}
         self._guard = PoisonGuard(window_records=settings.worker.poison_window_records,
                                   max_ratio=settings.worker.dead_letter_max_ratio)
         self._consumer: AIOKafkaConsumer | None = None
         self._committer: Committer | None = None
         self._gate: DependencyGate | None = None
+        self._flow: PartitionFlow | None = None
         self._watch: ReadinessWatch | None = None
         self._publisher: OutputPublisher | None = None
         self._pipeline: RecordPipeline | None = None
@@ -97,17 +94,7 @@ class Worker:
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT stop gracefully; a second one exits at once."""
-        loop = asyncio.get_running_loop()
-
-        def on_signal(sig: signal.Signals) -> None:
-            if self._stopping.is_set():
-                log.warning("second %s: exiting now", sig.name)
-                os._exit(1)
-            log.info("%s received", sig.name)
-            self.stop()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal, sig)
+        install_stop_signals(self.stop, self._stopping.is_set)
 
     @property
     def http_port(self) -> int | None:
@@ -142,7 +129,7 @@ class Worker:
                 await self._backend.start()
                 stack.push_async_callback(self._backend.close)
             backend = self._backend
-            s = self._size_from_engine(backend)
+            s = self.settings = size_from_engine(self.settings, backend, self.metrics)
             model = str(backend.model_info().get("model", s.serving.model))
             self.metrics.info.labels(captionflow.__version__, s.serving.backend, model,
                                      s.worker.group_id).set(1)
@@ -167,6 +154,8 @@ class Worker:
                 metrics=self.metrics, fail=self._fail, fatal=lambda: self._fatal,
                 stopping=self._stopping.is_set)
             gate = self._gate = self._watch.gate
+            self._flow = PartitionFlow(consumer, self._tracker, gate=gate, guard=self._guard,
+                                       metrics=self.metrics)
             stack.push_async_callback(gate.close)
             self._pipeline = RecordPipeline(
                 s, clips=timed_clips(frames, self.metrics), caption=batcher.submit,
@@ -200,18 +189,6 @@ class Worker:
         log.info("worker stopped cleanly")
         return 0
 
-    def _size_from_engine(self, backend: CaptionBackend) -> Settings:
-        """Requests in the engine and events in flight sized from the started engine
-        (sizing.py), exported beside the engine's own running and waiting counts."""
-        sizing = size_worker(self.settings.worker, self.settings.video, backend.capacity())
-        w = sizing.worker
-        log.info("engine sizing (%s): up to %d requests in the engine, %d events in flight, "
-                 "resume below %d", sizing.source, w.max_in_engine, w.max_in_flight,
-                 w.resume_in_flight)
-        export_engine_load(self.metrics, sizing, backend)
-        self.settings = self.settings.model_copy(update={"worker": w})
-        return self.settings
-
     def _background_done(self, task: asyncio.Task[None]) -> None:
         # A dead commit or readiness loop would leave the worker committing nothing, or
         # ready while it is not: stop loudly instead.
@@ -228,7 +205,8 @@ class Worker:
         while not self._stopping.is_set():
             if self._rebalance is not None and self._rebalance.error is not None:
                 raise self._rebalance.error
-            paused = self._apply_pauses()
+            assert self._flow is not None
+            paused = self._flow.apply(w)
             budget = max(1, min(w.max_poll_records, w.max_in_flight - self._tracker.in_flight()))
             try:
                 batches = await consumer.getmany(timeout_ms=w.poll_timeout_ms,
@@ -280,8 +258,7 @@ class Worker:
         self.metrics.in_flight.set(self._tracker.in_flight())
         task = asyncio.create_task(self._handle(tp, record, time.monotonic()),
                                    name=f"captionflow-{where(record)}")
-        self._tasks.setdefault(tp, set()).add(task)
-        self._by_offset[(tp, record.offset)] = task
+        self._tasks.add(tp, record.offset, task)
         task.add_done_callback(partial(self._task_done, tp, record.offset))
 
     async def _handle(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes],
@@ -293,18 +270,16 @@ class Worker:
             # redelivers it; the task itself ends, so no drain (revoke, stop) waits on it.
             log.warning("%s id=%s: held by the poison guard (%s), not dead-lettered",
                         where(record), output.event_id, output.error_code)
-            self._held.add((tp, record.offset))
+            self.metrics.events_held.labels(output.error_code).inc()
             return
         assert self._rebalance is not None
         # Only the partition's owner after a rebalance publishes (rebalance.py).
         await self._rebalance.settled(tp)
         started = time.monotonic()
-        task = asyncio.current_task()
-        self._publishing.add(task)
-        try:
-            await self._publish(record, output)
-        finally:
-            self._publishing.discard(task)
+        assert self._publisher is not None and self._gate is not None
+        with self._tasks.publishing():
+            await deliver(record, output, publisher=self._publisher, gate=self._gate,
+                          pipeline=self._pipeline, settings=self.settings)
         now = time.monotonic()
         self.metrics.stage_seconds.labels("publish").observe(now - started)
         self.metrics.stage_seconds.labels("end_to_end").observe(now - consumed_at)
@@ -315,30 +290,8 @@ class Worker:
             self.metrics.poison_guard_tripped.set(1)
         log.debug("%s id=%s -> %s", where(record), output.event_id, output.topic)
 
-    async def _publish(self, record: ConsumerRecord[bytes, bytes], output: Output) -> None:
-        """Publish until acknowledged. A broker outage waits for the broker (never a dead
-        letter); a record too large for the producer becomes a smaller output."""
-        assert self._publisher is not None and self._pipeline is not None
-        assert self._gate is not None
-        while True:
-            try:
-                await self._publisher.send(output.topic, output.key, output.value)
-                return
-            except BrokerUnavailableError as e:
-                log.warning("%s id=%s: publish waits for the broker: %s", where(record),
-                            output.event_id, e)
-                if await self._gate.report(e):
-                    await asyncio.sleep(self.settings.worker.retry_backoff_ms / 1000)
-            except OutputTooLargeError as e:
-                if output.topic == self.settings.topics.dead_letter:
-                    raise FatalError(f"{where(record)}: a bounded dead-letter event was refused "
-                                     f"as too large ({e}); check kafka.max_request_size_bytes "
-                                     "against worker.dead_letter_payload_max_bytes") from e
-                output = self._pipeline.dead_letter_output(record, e, output.event_id, 1)
-
     def _task_done(self, tp: TopicPartition, offset: int, task: asyncio.Task[None]) -> None:
-        self._tasks.get(tp, set()).discard(task)
-        self._by_offset.pop((tp, offset), None)
+        self._tasks.discard(tp, offset, task)
         self.metrics.in_flight.set(self._tracker.in_flight())
         if task.cancelled():
             return
@@ -359,38 +312,6 @@ class Worker:
             self.metrics.ready.set(0)
         self._stopping.set()
 
-    def _apply_pauses(self) -> bool:
-        """Pause every partition while in-flight work is above the high watermark (until it
-        falls to the low one), while a dependency is down, or once the poison guard has
-        tripped; returns whether partitions are paused. Otherwise pause just the partitions
-        whose oldest unfinished record is ``worker.max_uncommitted_per_partition`` records
-        behind, until it finishes."""
-        consumer = self._consumer
-        assert consumer is not None and self._gate is not None
-        w = self.settings.worker
-        in_flight = self._tracker.in_flight()
-        if not self._backpressure and in_flight >= w.max_in_flight:
-            self._backpressure = True
-            log.info("backpressure: %d events in flight; pausing partitions", in_flight)
-        elif self._backpressure and in_flight <= w.resume_in_flight:
-            self._backpressure = False
-            log.info("backpressure: %d events in flight; resuming partitions", in_flight)
-        paused = self._backpressure or bool(self._gate.down()) or \
-            self._guard.tripped_code is not None
-        full = self._tracker.over_bound(w.max_uncommitted_per_partition)
-        if paused:
-            # Newly assigned partitions start unpaused; pausing is idempotent.
-            consumer.pause(*consumer.assignment())
-        else:
-            if consumer.paused() - full:
-                consumer.resume(*(consumer.paused() - full))
-            if full:
-                consumer.pause(*(full & consumer.assignment()))
-        self.metrics.paused_partitions.set(len(consumer.paused()))
-        for tp, age_s in self._tracker.oldest_ages_s().items():
-            self.metrics.oldest_unfinished_age.labels(tp.topic, str(tp.partition)).set(age_s)
-        return paused
-
     # --- rebalance -------------------------------------------------------------------------
 
     def _assigned(self, tps: set[TopicPartition]) -> None:
@@ -401,12 +322,10 @@ class Worker:
         """Commit what finished, in the generation that still owns ``tps``; unfinished work
         goes on and is kept or cancelled once the next assignment is known (rebalance.py)."""
         assert self._committer is not None
-        tasks = set().union(*(self._tasks.get(tp, set()) for tp in tps))
         # Wait (bounded) only for records that hold finished ones back from the commit:
         # should the partition move, the new owner would publish those again. A record the
         # poison guard holds has no task left to wait for: it waits for a restart.
-        holes = {t for key in self._tracker.holes(tps)
-                 if (t := self._by_offset.get(key)) is not None}
+        holes = self._tasks.at(self._tracker.holes(tps))
         grace_s = self.settings.worker.revoke_grace_s
         if holes and grace_s > 0:
             await asyncio.wait(holes, timeout=grace_s)
@@ -415,7 +334,7 @@ class Worker:
         # let it finish, so the commit below covers it.
         assert self._rebalance is not None
         self._rebalance.hold(tps)
-        publishing = tasks & self._publishing
+        publishing = self._tasks.publishing_of(tps)
         if publishing:
             await asyncio.wait(publishing, timeout=self.settings.worker.commit_timeout_ms / 1000)
         self._tracker.suspend(tps)
@@ -432,16 +351,13 @@ class Worker:
                 self._consumer.seek(tp, next_offset)
 
     def _lost(self, tps: set[TopicPartition]) -> None:
-        for tp in tps:
-            for task in self._tasks.get(tp, set()):
-                task.cancel()
+        self._tasks.cancel(tps)
         self._forget(tps)
 
     def _forget(self, tps: set[TopicPartition]) -> None:
         self._tracker.drop(tps)
-        self._held = {(tp, offset) for tp, offset in self._held if tp not in tps}
+        self._tasks.forget(tps)
         for tp in tps:
-            self._tasks.pop(tp, None)
             with contextlib.suppress(KeyError):
                 self.metrics.consumer_lag.remove(tp.topic, str(tp.partition))
             with contextlib.suppress(KeyError):
@@ -462,11 +378,8 @@ class Worker:
         self.health.ready = False
         self.metrics.ready.set(0)
         # Work on a partition revoked in a rebalance still under way is not ours to finish.
-        handing_over = self._rebalance.pending() if self._rebalance is not None else set()
-        for tp in handing_over:
-            for task in self._tasks.get(tp, set()):
-                task.cancel()
-        tasks = [t for ts in self._tasks.values() for t in ts]
+        self._tasks.cancel(self._rebalance.pending() if self._rebalance is not None else ())
+        tasks = self._tasks.all()
         if tasks and self._fatal is None:
             grace_s = self.settings.worker.shutdown_grace_s
             log.info("draining %d in-flight events (up to %.0f s)", len(tasks), grace_s)

@@ -22,7 +22,7 @@ import logging
 from dataclasses import dataclass
 from functools import partial
 
-from captionflow.config import VideoSettings, WorkerSettings
+from captionflow.config import Settings, VideoSettings, WorkerSettings
 from captionflow.metrics import Metrics
 from captionflow.serving.base import CaptionBackend, EngineCapacity
 
@@ -76,3 +76,15 @@ def export_engine_load(metrics: Metrics, sizing: Sizing, backend: CaptionBackend
 
     for name in ("running", "waiting"):
         metrics.engine_requests.labels(name).set_function(partial(state, name))
+
+
+def size_from_engine(settings: Settings, backend: CaptionBackend, metrics: Metrics) -> Settings:
+    """``settings`` with the worker sized from the started engine, its load exported beside
+    the engine's own running and waiting counts."""
+    sizing = size_worker(settings.worker, settings.video, backend.capacity())
+    w = sizing.worker
+    log.info("engine sizing (%s): up to %d requests in the engine, %d events in flight, "
+             "resume below %d", sizing.source, w.max_in_engine, w.max_in_flight,
+             w.resume_in_flight)
+    export_engine_load(metrics, sizing, backend)
+    return settings.model_copy(update={"worker": w})

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from captionflow.sink.schema import EventSchema
 
+
 @dataclass(frozen=True, slots=True)
 class Row:
     """One record: its offset, its value as consumed, and that value parsed."""

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from aiokafka import AIOKafkaConsumer
 
 from captionflow.config import Settings
-from captionflow.health import HealthState
 from captionflow.errors import Dependency
+from captionflow.health import HealthState
 from captionflow.sink.metrics import SinkMetrics
 from captionflow.sink.stores import Store
 

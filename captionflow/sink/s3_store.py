@@ -1,5 +1,5 @@
 """``s3://bucket/prefix/`` as the destination, through the same boto3 client, endpoint and
-credential chain as video reads (:func:`captionflow.video.s3.client_for`).
+credential chain as video reads (:mod:`captionflow.s3`).
 
 An object appears only when its PUT completes, or when its multipart upload is completed:
 readers never see a part of a file. A failed multipart upload is aborted; one cut short by
@@ -12,7 +12,7 @@ from typing import Any
 
 from captionflow.config import Settings
 from captionflow.errors import ConfigError, ObjectStoreUnavailableError
-from captionflow.video.s3 import S3Config, client_for, store_error
+from captionflow.s3 import S3Config, client_for, put_whole, store_error
 
 
 class S3Store:
@@ -51,37 +51,10 @@ class S3Store:
 
     def put(self, key: str, body: bytes) -> None:
         full = self.prefix + key
-        what = f"writing s3://{self.bucket}/{full}"
-        if len(body) <= self.part_bytes:
-            try:
-                self._client.put_object(Bucket=self.bucket, Key=full, Body=body)
-            except Exception as e:
-                raise self._fail(e, what) from e
-            return
-        self._multipart(full, body, what)
-
-    def _multipart(self, key: str, body: bytes, what: str) -> None:
-        client = self._client
         try:
-            upload_id = client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
+            put_whole(self._client, self.bucket, full, body, part_bytes=self.part_bytes)
         except Exception as e:
-            raise self._fail(e, what) from e
-        try:
-            parts = []
-            view = memoryview(body)
-            for number, start in enumerate(range(0, len(body), self.part_bytes), start=1):
-                answer = client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
-                                            PartNumber=number,
-                                            Body=bytes(view[start:start + self.part_bytes]))
-                parts.append({"PartNumber": number, "ETag": answer["ETag"]})
-            client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
-                                             MultipartUpload={"Parts": parts})
-        except Exception as e:
-            try:
-                client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
-            except Exception:  # the store is failing; its lifecycle rule cleans up
-                pass
-            raise self._fail(e, f"{what} (multipart)") from e
+            raise self._fail(e, f"writing s3://{self.bucket}/{full}") from e
 
     def probe(self) -> bool:
         """A HEAD of the bucket, one attempt. A missing bucket, throttling or a failing

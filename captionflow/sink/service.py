@@ -18,9 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
-import signal
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -31,9 +29,10 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import CollectorRegistry
 
+from captionflow.aio import install_stop_signals
 from captionflow.config import Settings
-from captionflow.health import HealthServer, HealthState
 from captionflow.errors import BrokerUnavailableError, ConfigError, Dependency, DependencyError
+from captionflow.health import HealthServer, HealthState
 from captionflow.kafka import make_consumer, start_client
 from captionflow.sink.buffer import PartitionBuffer
 from captionflow.sink.formats import Row
@@ -105,17 +104,8 @@ class Sink:
             self.readiness.update()
 
     def install_signal_handlers(self) -> None:
-        loop = asyncio.get_running_loop()
-
-        def on_signal(sig: signal.Signals) -> None:
-            if self._stopping.is_set():
-                log.warning("second %s: exiting now", sig.name)
-                os._exit(1)
-            log.info("%s received", sig.name)
-            self.stop()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal, sig)
+        """SIGTERM/SIGINT stop gracefully; a second one exits at once."""
+        install_stop_signals(self.stop, self._stopping.is_set)
 
     @property
     def http_port(self) -> int | None:

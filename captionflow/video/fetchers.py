@@ -16,13 +16,19 @@ from __future__ import annotations
 
 import importlib
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from captionflow.config import VideoSettings
-from captionflow.errors import InvalidRequestError, VideoForbiddenError
+from captionflow.errors import (
+    ConfigError,
+    ErrorCode,
+    FatalError,
+    InvalidRequestError,
+    VideoForbiddenError,
+)
 from captionflow.video.ranged import RemoteVideo
 
 
@@ -59,13 +65,35 @@ def register_fetcher(scheme: str, fetcher: Fetcher | str) -> None:
 
 
 def fetcher_for(scheme: str) -> Fetcher | None:
-    """The fetcher registered for ``scheme``, imported now if it was registered by name."""
+    """The fetcher registered for ``scheme``, imported now if it was registered by name.
+    A registration that does not import is this deployment's fault, never a record's: a
+    fatal ``config_invalid`` (``check_fetchers`` finds it at start-up instead)."""
     fetcher = _FETCHERS.get(scheme)
     if isinstance(fetcher, str):
         module, _, name = fetcher.partition(":")
-        fetcher = getattr(importlib.import_module(module), name)
+        try:
+            fetcher = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            raise FatalError(f"the fetcher registered for {scheme}:// ({_FETCHERS[scheme]!r}) "
+                             f"cannot be imported: {e}; fix or remove its register_fetcher "
+                             "call", code=ErrorCode.CONFIG_INVALID) from e
         _FETCHERS[scheme] = fetcher
     return fetcher
+
+
+def check_fetchers(schemes: Iterable[str]) -> None:
+    """Import now the fetcher of every scheme in ``schemes`` (``video.allowed_schemes``);
+    ``ConfigError`` names a scheme with no fetcher or one that does not import, so that a
+    worker refuses to start rather than fail every such record."""
+    for scheme in schemes:
+        try:
+            fetcher = fetcher_for(scheme)
+        except FatalError as e:
+            raise ConfigError(e.message) from e.__cause__
+        if fetcher is None:
+            raise ConfigError(f"video.allowed_schemes has {scheme!r}, but no fetcher is "
+                              f"registered for {scheme}:// references: register one with "
+                              "captionflow.video.register_fetcher, or remove the scheme")
 
 
 def fetch(reference: str, settings: VideoSettings) -> LocalVideo | RemoteVideo:

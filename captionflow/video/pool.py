@@ -48,6 +48,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import traceback
 from dataclasses import asdict
 from multiprocessing import reduction
@@ -341,12 +342,18 @@ class DecodePool:
             child.conn.send((task, kwargs))
         except OSError:
             raise self._crashed(child, name, task) from None
+        started = time.monotonic()
         try:
             await self._readable(child, self._timeout_s)
+            # A starved event loop can see the answer and the deadline at once; the
+            # deadline holds either way (the child, not reusable, is killed below).
+            late = time.monotonic() - started > self._timeout_s
         except TimeoutError:
+            late = True
+        if late:
             raise DecodeTimeoutError(
                 f"{task} of {name} ran over video.decode_timeout_s={self._timeout_s:g}; "
-                "its decoder process was killed") from None
+                "its decoder process was killed")
         try:
             if not child.conn.poll(0):
                 raise EOFError

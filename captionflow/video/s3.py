@@ -30,7 +30,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,154 +37,17 @@ from captionflow.config import VideoSettings
 from captionflow.errors import (
     CaptionflowError,
     DependencyState,
-    FetchFailedError,
     FetchTimeoutError,
     InvalidRequestError,
     ObjectStoreUnavailableError,
     VideoForbiddenError,
-    VideoNotFoundError,
     VideoTooLargeError,
 )
+from captionflow.s3 import S3Config, client_for, parse_s3_url, store_error
 from captionflow.video.fetchers import LocalVideo
 from captionflow.video.ranged import RangeCache, RangeReader, RemoteVideo, mp4_hollow_ranges
 
 _CHUNK_BYTES = 1 << 20
-_NOT_FOUND = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "404", "NoSuchVersion"})
-_FORBIDDEN = frozenset({"AccessDenied", "Forbidden", "403", "AllAccessDisabled",
-                        "AccountProblem"})
-# The worker's own credentials are refused: every record would fail alike, so it is the
-# store dependency that is unusable, not the record.
-_CREDENTIALS = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
-                          "InvalidToken", "TokenRefreshRequired", "RequestTimeTooSkewed"})
-_SLOW_DOWN = frozenset({"SlowDown", "Throttling", "ThrottlingException",
-                        "RequestLimitExceeded", "TooManyRequests"})
-_THROTTLED = _SLOW_DOWN | {"RequestTimeout", "InternalError", "ServiceUnavailable"}
-
-
-@dataclass(frozen=True, slots=True)
-class S3Config:
-    """Client settings a process needs to build its own client (picklable, hashable).
-
-    ``None`` leaves a value to the AWS chain (environment, config files, instance role)."""
-
-    endpoint_url: str | None = None
-    region: str | None = None
-    profile: str | None = None
-    addressing_style: str = "auto"
-    connect_timeout_s: float = 5.0
-    read_timeout_s: float = 30.0
-    max_attempts: int = 3
-
-    @classmethod
-    def from_settings(cls, settings: VideoSettings) -> S3Config:
-        return cls(endpoint_url=settings.s3_endpoint_url, region=settings.s3_region,
-                   profile=settings.s3_profile, addressing_style=settings.s3_addressing_style,
-                   connect_timeout_s=settings.fetch_connect_timeout_s,
-                   read_timeout_s=settings.fetch_read_timeout_s,
-                   max_attempts=settings.s3_max_attempts)
-
-
-_clients: dict[tuple[int, S3Config], Any] = {}
-_clients_lock = threading.Lock()
-
-
-def client_for(config: S3Config) -> Any:
-    """This process's client for ``config`` (botocore clients are thread-safe; sessions
-    are not, so one is built per client under a lock; a forked child builds its own)."""
-    key = (os.getpid(), config)
-    client = _clients.get(key)
-    if client is not None:
-        return client
-    with _clients_lock:
-        client = _clients.get(key)
-        if client is None:
-            client = _new_client(config)
-            _clients[key] = client
-    return client
-
-
-def _new_client(config: S3Config) -> Any:
-    try:
-        import boto3
-        from botocore.config import Config
-        from botocore.exceptions import BotoCoreError
-    except ImportError as e:  # pragma: no cover - boto3 is a dependency
-        raise ObjectStoreUnavailableError(
-            "s3:// references need boto3: pip install boto3") from e
-    try:
-        session = boto3.session.Session(profile_name=config.profile,
-                                        region_name=config.region)
-        return session.client(
-            "s3", endpoint_url=config.endpoint_url,
-            config=Config(connect_timeout=config.connect_timeout_s,
-                          read_timeout=config.read_timeout_s,
-                          retries={"mode": "standard",
-                                   "total_max_attempts": config.max_attempts},
-                          s3={"addressing_style": config.addressing_style},
-                          user_agent_extra="captionflow"))
-    except BotoCoreError as e:
-        raise ObjectStoreUnavailableError(
-            f"cannot build an S3 client ({e}); check video.s3_profile, AWS_PROFILE and "
-            "AWS_ENDPOINT_URL") from e
-
-
-def parse_s3_url(reference: str) -> tuple[str, str]:
-    """``s3://bucket/key`` -> (bucket, key). The key is taken literally (as the AWS CLI
-    does): no percent-decoding, ``?`` and ``#`` are part of it."""
-    if not reference.lower().startswith("s3://"):
-        raise InvalidRequestError(f"{reference!r} is not an s3:// reference")
-    bucket, _, key = reference[5:].partition("/")
-    if not bucket or not key:
-        raise InvalidRequestError(
-            f"{reference!r} must name a bucket and a key: s3://BUCKET/KEY")
-    return bucket, key
-
-
-def store_error(e: Exception, what: str) -> CaptionflowError:
-    """A botocore exception as captionflow's typed error."""
-    from botocore.exceptions import (
-        BotoCoreError,
-        ClientError,
-        NoCredentialsError,
-        PartialCredentialsError,
-    )
-
-    if isinstance(e, CaptionflowError):
-        return e
-    if isinstance(e, ClientError):
-        error = e.response.get("Error", {})
-        code = str(error.get("Code", ""))
-        status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-        detail = f"{what}: {code or status} {error.get('Message') or ''}".rstrip()
-        if code in _CREDENTIALS:
-            return ObjectStoreUnavailableError(
-                f"{detail}; the store refuses the worker's credentials: check "
-                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, the profile or the role",
-                state=DependencyState.MISCONFIGURED)
-        if code in _NOT_FOUND or status == 404:
-            return VideoNotFoundError(f"{detail}; check the bucket and key")
-        if code in _FORBIDDEN or status == 403:
-            return VideoForbiddenError(
-                f"{detail}; the worker's identity needs s3:GetObject on the object "
-                "(docs/storage.md)")
-        if code == "PreconditionFailed" or status == 412:
-            return FetchFailedError(f"{detail}; the object changed while it was read")
-        if code in _SLOW_DOWN or status in (429, 503):
-            return ObjectStoreUnavailableError(f"{detail}; the store is throttling",
-                                               state=DependencyState.OVERLOADED)
-        if code in _THROTTLED or status >= 500:
-            return ObjectStoreUnavailableError(f"{detail}; the store is failing")
-        return FetchFailedError(detail, retriable=False)
-    if isinstance(e, NoCredentialsError | PartialCredentialsError):
-        return ObjectStoreUnavailableError(
-            f"{what}: no usable AWS credentials ({e}); set AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY, a profile, or give the worker a role",
-            state=DependencyState.MISCONFIGURED)
-    if isinstance(e, BotoCoreError | OSError):
-        return ObjectStoreUnavailableError(f"{what}: the store does not answer ({e})")
-    return ObjectStoreUnavailableError(f"{what}: {type(e).__name__}: {e}")
-
-
 class S3File(RemoteVideo):
     """One version of one object, read in ranges (see the module docstring)."""
 

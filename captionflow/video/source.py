@@ -34,9 +34,9 @@ from captionflow.errors import (
 )
 from captionflow.video.clip import Clip
 from captionflow.video.decode import DecodeStats, VideoIndex, decode_frames, probe
-from captionflow.video.fetchers import LocalVideo, fetch
-from captionflow.video.ranged import RemoteVideo
+from captionflow.video.fetchers import LocalVideo, check_fetchers, fetch
 from captionflow.video.pool import DecodePool
+from captionflow.video.ranged import RemoteVideo
 from captionflow.video.sampling import SamplingPolicy
 from captionflow.video.validator import content_validator
 from captionflow.video.windows import plan_windows
@@ -299,7 +299,9 @@ class FrameSource:
     async def start(self) -> None:
         """With a GPU ``video.decode_device``, start one decoder now so that a device that
         cannot be opened stops the run (``decode_device_unavailable``) before any record
-        is taken; with the CPU, decoders start with the first record."""
+        is taken; with the CPU, decoders start with the first record. Every allowed
+        scheme's fetcher is imported now: a broken one is a ``ConfigError``."""
+        check_fetchers(self._settings.allowed_schemes)
         if self._settings.decode_device != "cpu":
             await self._pool.start_one()
 
