@@ -54,7 +54,7 @@ def child(variant: str, path: str, fps: float) -> dict:
     import numpy as np
 
     from captionflow.config import VideoSettings
-    from captionflow.video.decode import probe
+    from captionflow.video.demux import probe
     from captionflow.video.sampling import SamplingPolicy
     from captionflow.video.source import load_clips
 

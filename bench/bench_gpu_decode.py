@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captionflow.config import VideoSettings  # noqa: E402
 from captionflow.errors import DecodeDeviceUnavailableError  # noqa: E402
-from captionflow.video.decode import check_device, decode_frames, probe  # noqa: E402
+from captionflow.video.decode import check_device, decode_frames  # noqa: E402
+from captionflow.video.demux import probe  # noqa: E402
 from captionflow.video.sampling import SamplingPolicy  # noqa: E402
 from captionflow.video.source import FrameSource  # noqa: E402
 

@@ -63,7 +63,8 @@ from captionflow.config import VideoSettings
 from captionflow.serving import fast_video_processor
 from captionflow.serving.tiny_model import build_tiny_model
 from captionflow.video.clip import Clip, VideoFacts
-from captionflow.video.decode import decode_frames, probe
+from captionflow.video.decode import decode_frames
+from captionflow.video.demux import probe
 from captionflow.video.fetch import fetch
 from captionflow.video.sampling import SamplingPolicy
 from captionflow.video.source import FrameSource, _decode_kwargs, _probe_kwargs, plan_clips

@@ -25,7 +25,8 @@ from pydantic import ValidationError
 from captionflow.config import VideoSettings
 from captionflow.errors import DecodeDeviceUnavailableError, ErrorKind
 from captionflow.video import decode as decode_module
-from captionflow.video.decode import check_device, decode_frames, probe
+from captionflow.video.decode import check_device, decode_frames
+from captionflow.video.demux import probe
 from captionflow.video.source import FrameSource
 from tests.support.corpus import CorpusFile, _encode, read_index
 

@@ -29,7 +29,8 @@ from captionflow.errors import (
     VideoForbiddenError,
     VideoNotFoundError,
 )
-from captionflow.video.decode import decode_frames, probe
+from captionflow.video.decode import decode_frames
+from captionflow.video.demux import probe
 from captionflow.video.fetch import LocalVideo, fetch
 from captionflow.video.ranged import ByteCounter, RangeCache, RangeReader, mp4_hollow_ranges
 from captionflow.video.s3 import S3File, parse_s3_url, probe_object_store

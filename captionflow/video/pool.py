@@ -68,7 +68,8 @@ from captionflow.errors import (
     EventError,
     InternalError,
 )
-from captionflow.video.decode import DecodeStats, check_device, decode_frames, probe
+from captionflow.video.decode import DecodeStats, check_device, decode_frames
+from captionflow.video.demux import probe
 
 log = logging.getLogger(__name__)
 # An interpreter start and the PyAV/numpy imports; minutes only on a machine in trouble.

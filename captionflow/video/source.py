@@ -33,7 +33,8 @@ from captionflow.errors import (
     VideoTooManyWindowsError,
 )
 from captionflow.video.clip import Clip
-from captionflow.video.decode import DecodeStats, VideoIndex, decode_frames, probe
+from captionflow.video.decode import DecodeStats, decode_frames
+from captionflow.video.demux import VideoIndex, probe
 from captionflow.video.fetchers import LocalVideo, check_fetchers, fetch
 from captionflow.video.pool import DecodePool
 from captionflow.video.ranged import RemoteVideo
