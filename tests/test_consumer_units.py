@@ -144,7 +144,7 @@ async def test_rebalance_keeps_partitions_that_come_back_and_cancels_those_that_
         # The revoke's own wait for holes: their records may still publish, or the wait
         # could only ever end at revoke_grace_s.
         for tp in tps:
-            await asyncio.wait_for(handler.settled(tp), 1)
+            await asyncio.wait_for(handler.settled(tp, 7), 1)
 
     def moved(tps: set) -> None:
         calls.append(("moved", tps))
@@ -158,10 +158,10 @@ async def test_rebalance_keeps_partitions_that_come_back_and_cancels_those_that_
         on_lost=lambda tps: calls.append(("lost", tps)), is_lost=lambda: False,
         metrics=metrics)
     await handler.on_partitions_assigned({TP, other})
-    await asyncio.wait_for(handler.settled(TP), 1)  # nothing pending: no wait
+    await asyncio.wait_for(handler.settled(TP, 7), 1)  # nothing pending: no wait
     await handler.on_partitions_revoked({TP, other})
     assert handler.pending() == {TP, other}
-    waiters = {tp: asyncio.create_task(handler.settled(tp)) for tp in (TP, other)}
+    waiters = {tp: asyncio.create_task(handler.settled(tp, 7)) for tp in (TP, other)}
     await asyncio.sleep(0.01)
     assert not any(w.done() for w in waiters.values()), "publishing waits for the assignment"
     await handler.on_partitions_assigned({TP})
@@ -172,6 +172,28 @@ async def test_rebalance_keeps_partitions_that_come_back_and_cancels_those_that_
     assert handler.pending() == set() and handler.error is None
     assert metrics.rebalances.labels("kept")._value.get() == 1
     assert metrics.rebalances.labels("moved")._value.get() == 1
+
+
+async def test_while_a_revoke_waits_for_holes_only_the_holes_publish() -> None:
+    """Offsets 3 and 5 unfinished below the finished 8: they may publish (and so be
+    committed); 9, above everything finished, waits for the assignment, as everything does
+    once the revoke commits."""
+    handler = RebalanceHandler(
+        on_assigned=lambda tps: None, on_revoked=lambda tps: asyncio.sleep(0),
+        on_kept=lambda tps: None, on_moved=lambda tps: None, on_lost=lambda tps: None,
+        is_lost=lambda: False, metrics=Metrics.fresh())
+    handler.hold({TP}, up_to={TP: 8})
+    for hole in (3, 5):
+        await asyncio.wait_for(handler.settled(TP, hole), 1)
+    above = asyncio.create_task(handler.settled(TP, 9))
+    await asyncio.sleep(0.01)
+    assert not above.done()
+    handler.hold({TP})
+    hole = asyncio.create_task(handler.settled(TP, 5))
+    await asyncio.sleep(0.01)
+    assert not hole.done(), "after the revoke's wait, nothing publishes"
+    await handler.on_partitions_assigned({TP})
+    await asyncio.wait_for(asyncio.gather(above, hole), 1)
 
 
 def test_tracker_suspends_commits_of_revoked_partitions_and_skips_redelivered_offsets(

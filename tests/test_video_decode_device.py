@@ -117,7 +117,7 @@ def test_a_failed_gpu_pass_is_decoded_again_on_the_cpu_from_scratch(
         got[target_pts[0]] = np.zeros_like(got[target_pts[0]])  # must not survive
         stats.decode_errors += 3
         if failure == "device_out_of_memory":
-            raise decode_module._out_of_memory(path.name)
+            raise decode_module.out_of_memory(path.name)
 
     _, cpu_stats = decode_frames(path, index, indices, height=64, width=96)
     monkeypatch.setattr(decode_module, "_decode_into", failing_gpu_pass)

@@ -72,6 +72,10 @@ class PartitionOffsets:
         return sorted(o for o in self._in_flight if o < self._done_max)
 
     @property
+    def highest_done(self) -> int | None:
+        return self._done_max
+
+    @property
     def next_offset(self) -> int | None:
         """One past the highest consumed offset: where fetching resumes."""
         return self._next
@@ -120,6 +124,11 @@ class OffsetTracker:
 
     def holes(self, tps: Iterable[TopicPartition]) -> list[tuple[TopicPartition, int]]:
         return [(tp, o) for tp in tps if tp in self._parts for o in self._parts[tp].holes()]
+
+    def highest_done(self, tps: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        """The highest finished offset of each of ``tps`` that has one."""
+        return {tp: done for tp in tps if tp in self._parts
+                if (done := self._parts[tp].highest_done) is not None}
 
     def next_offset(self, tp: TopicPartition) -> int | None:
         part = self._parts.get(tp)

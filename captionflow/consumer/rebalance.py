@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
@@ -62,25 +62,31 @@ class RebalanceHandler(ConsumerRebalanceListener):
         self._on_lost = on_lost
         self._is_lost = is_lost
         self._metrics = metrics
-        # Revoked partitions whose next owner is not known yet.
-        self._pending: Partitions = set()
+        # Revoked partitions whose next owner is not known yet, each with the highest
+        # offset that may still publish (-1: none).
+        self._held: dict[TopicPartition, int] = {}
         self._settled = asyncio.Event()
         self._settled.set()
         # aiokafka logs and swallows listener exceptions; the service polls this instead.
         self.error: RebalanceFailedError | None = None
 
-    def hold(self, tps: Partitions) -> None:
-        """From now until the next assignment, records of ``tps`` may not publish."""
-        self._pending |= tps
+    def hold(self, tps: Partitions, *, up_to: Mapping[TopicPartition, int] | None = None
+             ) -> None:
+        """From now until the next assignment, records of ``tps`` may not publish; with
+        ``up_to``, only those above ``up_to[tp]`` (while a revoke waits for the holes below
+        it, a record above them that published could not be committed)."""
+        for tp in tps:
+            self._held[tp] = (up_to or {}).get(tp, -1)
         self._settled.clear()
 
     def pending(self) -> Partitions:
-        return set(self._pending)
+        return set(self._held)
 
-    async def settled(self, tp: TopicPartition) -> None:
-        """Return once ``tp`` is not waiting for an assignment. A task whose partition moved
-        is cancelled by ``on_moved`` while it waits here."""
-        while tp in self._pending:
+    async def settled(self, tp: TopicPartition, offset: int) -> None:
+        """Return once record ``offset`` of ``tp`` may publish: its partition is not waiting
+        for an assignment, or the record is below what is held. A task whose partition
+        moved is cancelled by ``on_moved`` while it waits here."""
+        while offset > self._held.get(tp, offset):
             await self._settled.wait()
 
     async def on_partitions_revoked(self, revoked: Partitions) -> None:
@@ -91,8 +97,9 @@ class RebalanceHandler(ConsumerRebalanceListener):
                 log.warning("partitions lost (membership fenced); dropping their work "
                             "uncommitted: %s", _names(revoked))
                 self._metrics.rebalances.labels("lost").inc()
-                self._pending -= revoked
-                if not self._pending:
+                for tp in revoked:
+                    self._held.pop(tp, None)
+                if not self._held:
                     self._settled.set()
                 self._on_lost(set(revoked))
                 return
@@ -100,8 +107,8 @@ class RebalanceHandler(ConsumerRebalanceListener):
                      "for the next assignment: %s", _names(revoked))
             self._metrics.rebalances.labels("revoked").inc()
             # This member owns the partitions until it rejoins: while the revoke waits for
-            # holes, their records may still publish (a hole that finishes is then covered
-            # by the revoke's commit). The revoke calls hold() before it commits.
+            # holes, the holes may still publish (one that finishes is then covered by the
+            # revoke's commit). The revoke holds everything else, then all, before it commits.
             await self._on_revoked(set(revoked))
             self.hold(revoked)
         except Exception as e:
@@ -110,7 +117,8 @@ class RebalanceHandler(ConsumerRebalanceListener):
             log.error("%s", self.error)
 
     async def on_partitions_assigned(self, assigned: Partitions) -> None:
-        pending, self._pending = self._pending, set()
+        pending = set(self._held)
+        self._held = {}
         try:
             moved, kept = pending - assigned, pending & assigned
             if moved:

@@ -274,7 +274,7 @@ class Worker:
             return
         assert self._rebalance is not None
         # Only the partition's owner after a rebalance publishes (rebalance.py).
-        await self._rebalance.settled(tp)
+        await self._rebalance.settled(tp, record.offset)
         started = time.monotonic()
         assert self._publisher is not None and self._gate is not None
         with self._tasks.publishing():
@@ -327,12 +327,15 @@ class Worker:
         # poison guard holds has no task left to wait for: it waits for a restart.
         holes = self._tasks.at(self._tracker.holes(tps))
         grace_s = self.settings.worker.revoke_grace_s
+        assert self._rebalance is not None
         if holes and grace_s > 0:
+            # Meanwhile only the holes publish: a record finishing above the highest
+            # finished one would land above a hole too, published and not committable.
+            self._rebalance.hold(tps, up_to=self._tracker.highest_done(tps))
             await asyncio.wait(holes, timeout=grace_s)
         # No record of tps publishes after this commit (a moved partition's new owner
         # would publish it again); one already on its way to the broker is as good as done:
         # let it finish, so the commit below covers it.
-        assert self._rebalance is not None
         self._rebalance.hold(tps)
         publishing = self._tasks.publishing_of(tps)
         if publishing:
