@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Set up (idempotent) and run the whole test suite, then print the 15 slowest tests (so
-# that a suite that grows slower shows it). Extra arguments go to pytest, after ours.
+# Set up (idempotent) and run the whole test suite in two processes (pytest-xdist; a module's
+# tests stay in one process, see tests/conftest.py), then print the 15 slowest tests (so
+# that a suite that grows slower shows it). Extra arguments go to pytest, after ours
+# (`-n 0` runs everything in this process).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$root/scripts/setup.sh"
 cd "$root"
-exec "$root/.venv/bin/python" -m pytest --durations=15 "$@"
+exec "$root/.venv/bin/python" -m pytest -n 2 --dist loadgroup --durations=15 "$@"
