@@ -9,7 +9,7 @@ from aiokafka import TopicPartition
 
 from captionflow.consumer.batch import MicroBatcher
 from captionflow.consumer.offsets import OffsetTracker, PartitionOffsets
-from captionflow.consumer.rebalance import RebalanceHandler
+from captionflow.consumer.rebalance import RebalanceHandler, RevokeCommitRefused
 from captionflow.errors import EngineDeadError, ErrorCode, RebalanceFailedError
 from captionflow.metrics import Metrics
 from captionflow.serving.base import CaptionRequest, CaptionResult
@@ -128,6 +128,29 @@ async def test_rebalance_revoke_lost_and_callback_errors() -> None:
     await bad.on_partitions_revoked({TP})
     assert isinstance(bad.error, RebalanceFailedError)
     assert bad.error.code is ErrorCode.REBALANCE_FAILED and "commit exploded" in bad.error.message
+
+
+async def test_a_revoke_whose_commit_the_group_refuses_is_lost_not_fatal() -> None:
+    """The group went on without this member (it missed the rejoin window): its commit
+    fails, and the work is dropped uncommitted for the next owner, as on a fenced member;
+    the worker goes on."""
+    calls: list[tuple[str, set]] = []
+
+    async def refused(tps: set) -> None:
+        raise RevokeCommitRefused("CommitFailedError()")
+
+    handler = RebalanceHandler(
+        on_assigned=lambda tps: calls.append(("assigned", tps)), on_revoked=refused,
+        on_kept=lambda tps: calls.append(("kept", tps)),
+        on_moved=lambda tps: calls.append(("moved", tps)),
+        on_lost=lambda tps: calls.append(("lost", tps)), is_lost=lambda: False,
+        metrics=(metrics := Metrics.fresh()))
+    await handler.on_partitions_assigned({TP})
+    await handler.on_partitions_revoked({TP})
+    await asyncio.wait_for(handler.settled(TP, 3), 1)  # nothing of TP is held: it is gone
+    await handler.on_partitions_assigned({TP})
+    assert calls == [("assigned", {TP}), ("lost", {TP}), ("assigned", {TP})]
+    assert handler.error is None and metrics.rebalances.labels("lost")._value.get() == 1
 
 
 async def test_rebalance_keeps_partitions_that_come_back_and_cancels_those_that_moved(

@@ -12,7 +12,9 @@ partition and the next assignment hands most of them straight back.
   offset, redelivers it and this member never commits that partition again.
 - **Lost** (our membership was fenced, so another member may own the partitions already):
   drop that work without committing. aiokafka only calls ``on_partitions_revoked``; a lost
-  assignment shows as a reset generation when it does.
+  assignment shows as a reset generation when it does. A revoke whose commit the group
+  refuses (it moved to a new generation without this member) is lost too: the work is
+  redone by the next owner, which costs duplicates, not a restart of this worker.
 
 Gating publication on the assignment is what makes a kept partition safe: whatever
 finished while the group rebalanced is published only by the member that owns it after.
@@ -46,6 +48,10 @@ def consumer_options(w: WorkerSettings) -> dict[str, Any]:
             "max_poll_interval_ms": w.max_poll_interval_ms,
             "rebalance_timeout_ms": w.rebalance_timeout_ms,
             "max_poll_records": w.max_poll_records}
+
+
+class RevokeCommitRefused(Exception):
+    """The revoke's commit failed: the partitions are to be handled as lost."""
 
 
 class RebalanceHandler(ConsumerRebalanceListener):
@@ -94,14 +100,7 @@ class RebalanceHandler(ConsumerRebalanceListener):
             return
         try:
             if self._is_lost():
-                log.warning("partitions lost (membership fenced); dropping their work "
-                            "uncommitted: %s", _names(revoked))
-                self._metrics.rebalances.labels("lost").inc()
-                for tp in revoked:
-                    self._held.pop(tp, None)
-                if not self._held:
-                    self._settled.set()
-                self._on_lost(set(revoked))
+                self._lose(revoked, "membership fenced")
                 return
             log.info("partitions revoked; committing what finished, in-flight work waits "
                      "for the next assignment: %s", _names(revoked))
@@ -109,12 +108,26 @@ class RebalanceHandler(ConsumerRebalanceListener):
             # This member owns the partitions until it rejoins: while the revoke waits for
             # holes, the holes may still publish (one that finishes is then covered by the
             # revoke's commit). The revoke holds everything else, then all, before it commits.
-            await self._on_revoked(set(revoked))
+            try:
+                await self._on_revoked(set(revoked))
+            except RevokeCommitRefused as e:
+                self._lose(revoked, f"the revoke's commit failed: {e}")
+                return
             self.hold(revoked)
         except Exception as e:
             self.error = RebalanceFailedError(
                 f"handing back {_names(revoked)} failed: {e!r}")
             log.error("%s", self.error)
+
+    def _lose(self, revoked: Partitions, why: str) -> None:
+        log.warning("partitions lost (%s); dropping their work uncommitted: %s", why,
+                    _names(revoked))
+        self._metrics.rebalances.labels("lost").inc()
+        for tp in revoked:
+            self._held.pop(tp, None)
+        if not self._held:
+            self._settled.set()
+        self._on_lost(set(revoked))
 
     async def on_partitions_assigned(self, assigned: Partitions) -> None:
         pending = set(self._held)

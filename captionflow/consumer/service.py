@@ -37,7 +37,7 @@ from captionflow.consumer.offsets import OffsetTracker
 from captionflow.consumer.pipeline import RecordPipeline, where
 from captionflow.consumer.publish import OutputPublisher
 from captionflow.consumer.readiness import ReadinessWatch
-from captionflow.consumer.rebalance import RebalanceHandler, consumer_options
+from captionflow.consumer.rebalance import RebalanceHandler, RevokeCommitRefused, consumer_options
 from captionflow.consumer.sizing import size_from_engine
 from captionflow.errors import (
     CaptionflowError,
@@ -341,7 +341,12 @@ class Worker:
         if publishing:
             await asyncio.wait(publishing, timeout=self.settings.worker.commit_timeout_ms / 1000)
         self._tracker.suspend(tps)
-        await self._committer.commit(tps, raise_errors=True)
+        try:
+            await self._committer.commit(tps, raise_errors=True)
+        except (KafkaError, AssertionError, TimeoutError) as e:
+            # The group went on without this member (it missed the rejoin window): whoever
+            # owns the partitions now redoes what is uncommitted.
+            raise RevokeCommitRefused(repr(e)) from e
 
     def _kept(self, tps: set[TopicPartition]) -> None:
         """A revoked partition came back: commits resume, and fetching resumes after the
