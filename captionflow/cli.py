@@ -345,6 +345,14 @@ def run(
         help="Directory local video paths must lie under (repeatable; video.allowed_roots; "
              "default: any file you can read, relative paths from the current directory).")
     ] = None,
+    ray: Annotated[str | None, typer.Option(
+        "--ray", is_flag=False, flag_value="local", metavar="[ADDRESS]",
+        help="Run on a Ray cluster (pip install 'captionflow[ray]'): decode in CPU tasks, "
+             "caption in engine actors. ADDRESS: auto, ray://HOST:PORT, or none to start "
+             "a local cluster.")] = None,
+    ray_engines: Annotated[int, typer.Option(
+        help="With --ray: engine actors, each with serving.tensor_parallel_size GPUs.",
+        min=1)] = 1,
     config: ConfigOpt = None, verbose: VerboseOpt = False,
 ) -> None:
     """Caption the videos of a DataFlow JSON/JSONL file into a DataFlow step file."""
@@ -367,6 +375,11 @@ def run(
         raise fail(e, 2) from e
     keys = RowKeys(video=input_video_key, image=input_image_key,
                    conversation=input_conversation_key, output=output_key)
+    if ray is not None:
+        report = _run_on_ray(input_path, target, kind, settings, keys, address=ray,
+                             engines=ray_engines, resume=resume)
+        _run_exit(report, fail_on_error)
+        return
     serving = make_backend(settings.serving, settings.video)
 
     async def go() -> Any:
@@ -385,9 +398,40 @@ def run(
         raise fail(e, 2 if e.code in ("config_invalid", "schema_invalid") else 1) from e
     err.print(f"{report.summary()} -> {target}", soft_wrap=True, markup=False)
     print(orjson.dumps({"output": str(target), **report.as_dict()}).decode())
+    _run_exit(report, fail_on_error)
+
+
+def _run_exit(report: Any, fail_on_error: bool) -> None:
     nothing_ran = report.total > 0 and report.captioned + report.skipped == 0
     if nothing_ran or (fail_on_error and report.failed_total):
         raise typer.Exit(1)
+
+
+def _run_on_ray(input_path: Path, target: Any, kind: Any, settings: Settings, keys: Any, *,
+                address: str, engines: int, resume: bool) -> Any:
+    """``run --ray``: the same rows in and out, on Ray (captionflow/ray/job.py)."""
+    from captionflow.batch.progress import row_progress
+
+    try:
+        import ray  # noqa: F401  (an optional extra)
+    except ImportError as e:
+        raise fail(ConfigError(f"--ray needs Ray: pip install 'captionflow[ray]' ({e})")) from e
+    from captionflow.ray.job import RayPlan, run_ray_file
+
+    try:
+        with row_progress(err) as progress:
+            report, stats = run_ray_file(
+                input_path, target, cache_type=kind, settings=settings, keys=keys,
+                plan=RayPlan(address=address, engines=engines), resume=resume,
+                on_row=progress.on_row, on_total=progress.on_total)
+    except CaptionflowError as e:
+        raise fail(e, 2 if e.code in ("config_invalid", "schema_invalid") else 1) from e
+    err.print(f"{report.summary()} on Ray ({stats.engines} engines, idle "
+              f"{stats.engine_wait_s:.1f} s waiting for rows) -> {target}",
+              soft_wrap=True, markup=False)
+    print(orjson.dumps({"output": str(target), **report.as_dict(),
+                        "ray": stats.as_dict()}).decode())
+    return report
 
 
 @app.command()
