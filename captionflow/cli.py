@@ -345,14 +345,15 @@ def run(
         help="Directory local video paths must lie under (repeatable; video.allowed_roots; "
              "default: any file you can read, relative paths from the current directory).")
     ] = None,
-    ray: Annotated[str | None, typer.Option(
-        "--ray", is_flag=False, flag_value="local", metavar="[ADDRESS]",
-        help="Run on a Ray cluster (pip install 'captionflow[ray]'): decode in CPU tasks, "
-             "caption in engine actors. ADDRESS: auto, ray://HOST:PORT, or none to start "
-             "a local cluster.")] = None,
-    ray_engines: Annotated[int, typer.Option(
-        help="With --ray: engine actors, each with serving.tensor_parallel_size GPUs.",
-        min=1)] = 1,
+    ray: Annotated[bool, typer.Option(
+        "--ray", help="Run on a Ray cluster (pip install 'captionflow[ray]'): decode in CPU "
+                      "tasks, caption in engine actors. The same rows in and out.")] = False,
+    ray_address: Annotated[str | None, typer.Option(
+        help="With --ray: auto, or ray://HOST:PORT. Default: RAY_ADDRESS when set (as in "
+             "a Ray job), else a new local cluster.")] = None,
+    ray_engines: Annotated[int | None, typer.Option(
+        help="With --ray: engine actors (default 1), each with "
+             "serving.tensor_parallel_size GPUs on a GPU cluster.", min=1)] = None,
     config: ConfigOpt = None, verbose: VerboseOpt = False,
 ) -> None:
     """Caption the videos of a DataFlow JSON/JSONL file into a DataFlow step file."""
@@ -375,9 +376,12 @@ def run(
         raise fail(e, 2) from e
     keys = RowKeys(video=input_video_key, image=input_image_key,
                    conversation=input_conversation_key, output=output_key)
-    if ray is not None:
-        report = _run_on_ray(input_path, target, kind, settings, keys, address=ray,
-                             engines=ray_engines, resume=resume)
+    if not ray and (ray_address is not None or ray_engines is not None):
+        raise fail(ConfigError("--ray-address and --ray-engines only apply with --ray: add "
+                               "--ray to run on a Ray cluster"), 2)
+    if ray:
+        report = _run_on_ray(input_path, target, kind, settings, keys, address=ray_address,
+                             engines=ray_engines or 1, resume=resume)
         _run_exit(report, fail_on_error)
         return
     serving = make_backend(settings.serving, settings.video)
@@ -408,7 +412,7 @@ def _run_exit(report: Any, fail_on_error: bool) -> None:
 
 
 def _run_on_ray(input_path: Path, target: Any, kind: Any, settings: Settings, keys: Any, *,
-                address: str, engines: int, resume: bool) -> Any:
+                address: str | None, engines: int, resume: bool) -> Any:
     """``run --ray``: the same rows in and out, on Ray (captionflow/ray/job.py)."""
     from captionflow.batch.progress import row_progress
 

@@ -14,6 +14,8 @@ import asyncio
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -137,9 +139,21 @@ def test_run_ray_writes_what_captionflow_run_writes(
     assert rows[3]["conversation"][0]["value"] == "What moves?" and rows[3]["caption"]
     assert len({r["caption"] for r in rows[:N_GOOD]}) > 1  # distinct videos, distinct text
 
-    # A rerun keeps every caption and sends only the failed rows to Ray again.
-    again, _ = run_ray_file(path, out, cache_type="jsonl", settings=ray_settings)
-    assert (again.captioned, again.skipped, again.failed_total) == (0, N_GOOD, 4)
+    # The rerun, as a user types it in a Ray job (whose driver finds the cluster in
+    # RAY_ADDRESS): it keeps every caption and sends only the failed rows to Ray again,
+    # which fail before reaching an engine.
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+           "PYTHONPATH": str(REPO), "CAPTIONFLOW_SERVING__BACKEND": "transformers",
+           "CAPTIONFLOW_SERVING__MODEL": ray_settings.serving.model}
+    again = subprocess.run(
+        [sys.executable, "-m", "captionflow", "run", "--ray", "--input", str(path),
+         "--output", str(out), "--fail-on-error"],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 1, again.stderr[-3000:]  # --fail-on-error: 4 rows failed
+    summary = orjson.loads(again.stdout.strip().splitlines()[-1])
+    assert (summary["captioned"], summary["skipped"]) == (0, N_GOOD), summary
+    assert summary["failed"] == dict(report.failed) and summary["engine_started"] is False
+    assert summary["ray"]["duplicates"] == 0
     assert out.read_bytes() == reference
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -44,9 +45,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class RayPlan:
-    """How the job uses the cluster. ``address``: None or "local" starts a local cluster
-    (``num_cpus`` CPUs, all of this machine's when None); "auto" or ``ray://host:port``
-    joins one. Batches of ``decode_batch_rows`` rows are one decode task; an engine takes
+    """How the job uses the cluster. ``address``: "auto" or ``ray://host:port`` joins a
+    cluster; None joins ``RAY_ADDRESS`` when set, else starts a local cluster (``num_cpus``
+    CPUs, all of this machine's when None). Batches of ``decode_batch_rows`` rows are one decode task; an engine takes
     ``caption_batch_rows`` rows at a time (default: the rows ``captionflow run`` keeps in
     flight) with the next batch already queued (``batches_per_engine``)."""
 
@@ -80,12 +81,14 @@ class RayStats:
 
 
 def connect(address: str | None, *, num_cpus: int | None = None) -> None:
-    """Join the cluster at ``address``, or start a local one (None or "local")."""
+    """Join the cluster at ``address`` ("auto", ``ray://host:port``), or at ``RAY_ADDRESS``
+    when None and that is set (a Ray job's driver), or start a local one (None, "local")."""
     import ray
 
     if ray.is_initialized():
         return
-    if address in (None, "", "local"):
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address in (None, "local"):
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
     else:
