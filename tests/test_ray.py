@@ -248,3 +248,29 @@ def test_library_form_with_a_users_own_map_batches_step(
         assert row["captionflow_error"] is None and 0 < row["brightness"] < 255
         assert orjson.loads(row["captionflow_row"])["caption_status"] == "truncated"
         assert "captionflow_frames" not in row
+
+
+def test_ray_answers_from_the_cache_that_captionflow_run_filled(
+        ray_cluster: None, rows_file: tuple[Path, dict[int, str]], ray_settings: Settings,
+        hf_backend_sync: Any, tmp_path: Path) -> None:
+    from captionflow.ray import run_ray_file
+
+    # Four good rows; the same settings with the caption cache on, in a store of this test.
+    lines = rows_file[0].read_bytes().splitlines()[:4]
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    settings = ray_settings.model_copy(update={"cache": ray_settings.cache.model_copy(
+        update={"enabled": True, "store": str(tmp_path / "cache")})})
+    first = asyncio.run(run_file(path, tmp_path / "run.jsonl", cache_type="jsonl",
+                                 settings=settings, backend=_Shared(hf_backend_sync)))
+    assert first.captioned == 4
+    report, _ = run_ray_file(path, tmp_path / "ray.jsonl", cache_type="jsonl",
+                             settings=settings, resume=False)
+    # Every caption came from the cache: the same keys as `captionflow run`'s (the CPU
+    # stage hands over the video's validator and each clip as planned), and no engine.
+    assert report.captioned == 4 and not report.engine_started
+    ran, on_ray = read_rows(tmp_path / "run.jsonl"), read_rows(tmp_path / "ray.jsonl")
+    for a, b in zip(ran, on_ray, strict=True):
+        assert a["caption_cache"]["hit"] is False and b["caption_cache"]["hit"] is True
+        assert b["caption_cache"]["key"] == a["caption_cache"]["key"]
+        assert b["caption"] == a["caption"]
