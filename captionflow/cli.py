@@ -331,7 +331,8 @@ def run(
     output_key: Annotated[str, typer.Option()] = "caption",
     concurrency: Annotated[int | None, typer.Option(
         help="Rows in flight at once (default worker.max_in_flight, or serving.max_num_seqs "
-             "+ video.decode_workers when fewer).", min=1)] = None,
+             "+ video.decode_workers when fewer); with --ray, per engine actor.",
+        min=1)] = None,
     resume: Annotated[bool, typer.Option(
         help="Keep rows the output file already has captions for.")] = True,
     fail_on_error: Annotated[bool, typer.Option(
@@ -381,7 +382,8 @@ def run(
                                "--ray to run on a Ray cluster"), 2)
     if ray:
         report = _run_on_ray(input_path, target, kind, settings, keys, address=ray_address,
-                             engines=ray_engines or 1, resume=resume)
+                             engines=ray_engines or 1, resume=resume,
+                             rows_per_engine_batch=concurrency)
         _run_exit(report, fail_on_error)
         return
     serving = make_backend(settings.serving, settings.video)
@@ -412,8 +414,10 @@ def _run_exit(report: Any, fail_on_error: bool) -> None:
 
 
 def _run_on_ray(input_path: Path, target: Any, kind: Any, settings: Settings, keys: Any, *,
-                address: str | None, engines: int, resume: bool) -> Any:
-    """``run --ray``: the same rows in and out, on Ray (captionflow/ray/job.py)."""
+                address: str | None, engines: int, resume: bool,
+                rows_per_engine_batch: int | None) -> Any:
+    """``run --ray``: the same rows in and out, on Ray (captionflow/ray/job.py);
+    ``--concurrency`` is the rows each engine actor takes at a time."""
     from captionflow.batch.progress import row_progress
 
     try:
@@ -426,7 +430,8 @@ def _run_on_ray(input_path: Path, target: Any, kind: Any, settings: Settings, ke
         with row_progress(err) as progress:
             report, stats = run_ray_file(
                 input_path, target, cache_type=kind, settings=settings, keys=keys,
-                plan=RayPlan(address=address, engines=engines), resume=resume,
+                plan=RayPlan(address=address, engines=engines,
+                             caption_batch_rows=rows_per_engine_batch), resume=resume,
                 on_row=progress.on_row, on_total=progress.on_total)
     except CaptionflowError as e:
         raise fail(e, 2 if e.code in ("config_invalid", "schema_invalid") else 1) from e
