@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -111,6 +112,7 @@ def bench_decode(clips: list[Path], pairs: int, max_frames: int) -> None:
                       f"{os.getloadavg()[0]:.1f}", flush=True)
     finally:
         ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in rates.items()}
     print(f"median CPU stage: ray {med['ray']:.2f} clips/s per core, plain FrameSource "
           f"{med['plain']:.2f}; ratio ray/plain {med['ray'] / med['plain']:.2f}")
