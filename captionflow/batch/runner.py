@@ -29,11 +29,12 @@ from captionflow.batch.rows import (
     row_event,
 )
 from captionflow.cache import CaptionCache, open_cache
-from captionflow.captioning import Attempts, caption_event
+from captionflow.captioning import Attempts, CaptionFn, ClipsFn, caption_event
 from captionflow.config import Settings
 from captionflow.errors import (
     CaptionflowError,
     EngineDeadError,
+    ErrorCode,
     ErrorKind,
     FatalError,
     InternalError,
@@ -76,7 +77,7 @@ OnRow = Callable[[int, str], None]
 Checkpoint = Callable[[list[Any]], None]
 
 
-class _LazyBackend:
+class LazyBackend:
     """Starts the backend once, on the first request, while other rows keep decoding. A
     failed start is tried once only: ``start_error`` then ends the run."""
 
@@ -120,6 +121,43 @@ def default_concurrency(settings: Settings) -> int:
     return min(settings.worker.max_in_flight, seqs + settings.video.decode_workers)
 
 
+async def caption_row(row: Any, index: int, *, keys: RowKeys, settings: Settings,
+                      clips: ClipsFn, caption: CaptionFn, cache: CaptionCache | None,
+                      run_failed: Callable[[], bool] = lambda: False,
+                      ) -> tuple[Any, str, str | None]:
+    """One row in, its output row out, with the outcome and the error code (None when
+    captioned): the one implementation behind ``captionflow run`` and the Ray stages.
+
+    Errors of this row become its ``error``; a fatal error (dead engine, bad settings) and
+    any error once ``run_failed()`` says the run itself failed (its engine did not start)
+    are raised."""
+    if isinstance(row, UnparsableLine):
+        return row.as_row(), FAILED, ErrorCode.MALFORMED_JSON.value
+    try:
+        event = row_event(row, index, keys)
+        result = await caption_event(event, clips=clips, caption=caption, settings=settings,
+                                     attempts=Attempts(settings.worker, label=f"row {index}"),
+                                     cache=cache)
+    except FatalError:
+        raise
+    except Exception as e:
+        if run_failed() or (isinstance(e, CaptionflowError) and e.kind is ErrorKind.FATAL):
+            raise  # the run's fault (settings, engine start-up), not this row's
+        error = e if isinstance(e, CaptionflowError) else InternalError(
+            f"unexpected {type(e).__name__}: {e}")
+        if not isinstance(e, CaptionflowError):
+            log.exception("row %d: bug while captioning", index)
+        return failed_row(row, keys, error), FAILED, error.code.value
+    windows = result.window_captions()
+    fields = result.quality_fields()
+    if fields["cache"] is not None:
+        fields["cache"] = fields["cache"].model_dump(mode="json")
+    return captioned_row(row, keys, prompt=result.prompt, caption=result.text, fields={
+        **fields,
+        "windows": [w.model_dump(mode="json") for w in windows] if windows else None,
+    }), CAPTIONED, None
+
+
 async def caption_rows(rows: list[Any], *, settings: Settings, backend: CaptionBackend,
                        keys: RowKeys = RowKeys(), previous: list[Any] | None = None,
                        concurrency: int | None = None, on_row: OnRow | None = None,
@@ -147,7 +185,7 @@ async def caption_rows(rows: list[Any], *, settings: Settings, backend: CaptionB
     todo = iter([i for i in range(len(rows)) if i not in done])
     if cache == "settings":
         cache = open_cache(settings, model=str(backend.model_info().get("model", "")))
-    lazy = _LazyBackend(backend, report,
+    lazy = LazyBackend(backend, report,
                         request_timeout_s=settings.serving.request_timeout_s)
     last_write = time.monotonic()
 
@@ -161,39 +199,15 @@ async def caption_rows(rows: list[Any], *, settings: Settings, backend: CaptionB
             last_write = time.monotonic()
 
     async def one(i: int, frames: FrameSource) -> None:
-        row = rows[i]
-        if isinstance(row, UnparsableLine):
-            out[i] = row.as_row()
-            report.failed["malformed_json"] += 1
-            return finish(i, FAILED)
-        try:
-            event = row_event(row, i, keys)
-            result = await caption_event(event, clips=frames.open, caption=lazy.caption,
-                                         settings=settings,
-                                         attempts=Attempts(settings.worker, label=f"row {i}"),
-                                         cache=cache)
-        except FatalError:
-            raise
-        except Exception as e:
-            if lazy.start_error is not None or (
-                    isinstance(e, CaptionflowError) and e.kind is ErrorKind.FATAL):
-                raise  # the run's fault (settings, engine start-up), not this row's
-            error = e if isinstance(e, CaptionflowError) else InternalError(
-                f"unexpected {type(e).__name__}: {e}")
-            if not isinstance(e, CaptionflowError):
-                log.exception("row %d: bug while captioning", i)
-            out[i] = failed_row(row, keys, error)
-            report.failed[error.code.value] += 1
-            return finish(i, FAILED)
-        windows = result.window_captions()
-        fields = result.quality_fields()
-        if fields["cache"] is not None:
-            fields["cache"] = fields["cache"].model_dump(mode="json")
-        out[i] = captioned_row(row, keys, prompt=result.prompt, caption=result.text, fields={
-            **fields,
-            "windows": [w.model_dump(mode="json") for w in windows] if windows else None})
-        report.captioned += 1
-        finish(i, CAPTIONED)
+        out[i], outcome, code = await caption_row(
+            rows[i], i, keys=keys, settings=settings, clips=frames.open,
+            caption=lazy.caption, cache=cache,
+            run_failed=lambda: lazy.start_error is not None)
+        if code is not None:
+            report.failed[code] += 1
+        else:
+            report.captioned += 1
+        finish(i, outcome)
 
     async def lane(frames: FrameSource) -> None:
         for i in todo:  # the lanes share one iterator: each row is taken exactly once
