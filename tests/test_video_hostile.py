@@ -412,3 +412,21 @@ def test_shared_memory_frames_are_the_decoded_frames(
     frames = asyncio.run(via_pool())
     assert np.array_equal(frames, local.frames)
     frames[0, 0, 0, 0] ^= 1  # writable, like an array the decoder made in this process
+
+
+def test_the_decoder_pool_works_under_uvloop(tmp_path: Path) -> None:
+    """uvloop (Ray's workers, uvicorn) leaves a watched descriptor non-blocking; every decode
+    after the first then read as a dead decoder (decode_crashed) until the pool reset it."""
+    import uvloop
+
+    from captionflow.samples import make_sample_videos
+
+    make_sample_videos(tmp_path)
+    videos = sorted(tmp_path.glob("*.mp4"))[:3]
+
+    async def decode_all() -> list[int]:
+        async with FrameSource(VideoSettings(allowed_roots=(tmp_path,), decode_workers=1,
+                                             max_frames=4)) as source:
+            return [(await source.clips(str(v)))[0].num_frames for v in videos]
+
+    assert uvloop.run(decode_all()) == [4, 4, 4]

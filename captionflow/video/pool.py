@@ -219,6 +219,10 @@ class DecodePool:
             await asyncio.wait_for(woke, timeout_s)
         finally:
             loop.remove_reader(child.conn.fileno())
+            # uvloop (Ray's workers, uvicorn) makes a watched descriptor non-blocking; the
+            # Connection reads below expect a blocking one, or a message that arrives in
+            # pieces reads as a dead child.
+            os.set_blocking(child.conn.fileno(), True)
 
     async def _call(self, child: _Child, task: str, kwargs: dict[str, Any]) -> Any:
         child.tasks += 1
