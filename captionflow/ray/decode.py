@@ -139,8 +139,9 @@ class _Decoder:
     def __init__(self, video: VideoSettings) -> None:
         self.video = video
         self.closed = False
-        # The standard loop, whatever the process's policy: Ray workers install uvloop, on
-        # which the decoder pool's socket reads see a spurious end of file.
+        # A loop of its own on a thread, so that the FrameSource and its decoder process
+        # outlive each (synchronous) Ray task; the standard loop, as in the worker, whatever
+        # policy Ray's worker installed.
         self.loop: asyncio.AbstractEventLoop = asyncio.SelectorEventLoop()
         threading.Thread(target=self.loop.run_forever, name="captionflow-decode-loop",
                          daemon=True).start()
