@@ -288,6 +288,8 @@ class Worker:
         self._progress()
         if self._guard.record(output.error_code):
             self.metrics.poison_guard_tripped.set(1)
+            assert self._watch is not None
+            self._watch.update()  # not ready now, not after the next round of probes
         log.debug("%s id=%s -> %s", where(record), output.event_id, output.topic)
 
     def _task_done(self, tp: TopicPartition, offset: int, task: asyncio.Task[None]) -> None:
