@@ -60,9 +60,12 @@ def script_text(side: str, model: Path, max_tokens: int) -> str:
     return text.replace("vllm_max_tokens=2048", f"vllm_max_tokens={max_tokens}")
 
 
-def side_env(side: str, settings: str, work: Path) -> dict[str, str]:
+def side_env(side: str, settings: str, work: Path, cwd: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("CAPTIONFLOW_", "VLLM_", "SEEDBENCH_"))}
+    # A fresh user cache dir per run: captionflow's caption cache (on by default) would
+    # otherwise answer every run after the first without the engine.
+    env["XDG_CACHE_HOME"] = str(cwd / "user-cache")
     vllm_dir = Path(tempfile.mkdtemp(prefix=f"sb-{side[:2]}-", dir="/tmp"))
     env.update({"VLLM_CACHE_ROOT": str(work / "vllm-cache"), "VLLM_RPC_BASE_PATH": str(vllm_dir),
                 "TMPDIR": str(vllm_dir), "VLLM_HOST_IP": "127.0.0.1"})
@@ -151,7 +154,7 @@ def run_pairs(args: argparse.Namespace, work: Path, clips: list[Path], model: Pa
         for side in order:
             cwd = project(work, side, clips, model, args.max_tokens)
             r = measure([sys.executable, "video_caption_pipeline.py"], cwd,
-                        side_env(side, settings, work))
+                        side_env(side, settings, work, cwd))
             results[side].append(r)
             print(f"  {settings:5s} run {n} {side:11s}: wall {r['wall_s']:6.1f} s, largest "
                   f"{r['largest'] / 2**20:6.0f} MiB, tree {r['sum'] / 2**20:6.0f} MiB, "
@@ -170,7 +173,7 @@ def profile(work: Path, clips: list[Path], model: Path, args: argparse.Namespace
     for side in args.sides:
         cwd = project(work, side, clips, model, args.max_tokens)
         timeline = cwd / "timeline.jsonl"
-        env = {**side_env(side, settings, work), "SEEDBENCH_TIMELINE": str(timeline)}
+        env = {**side_env(side, settings, work, cwd), "SEEDBENCH_TIMELINE": str(timeline)}
         r = measure([sys.executable, str(BENCH / "seed_timeline.py"),
                      "video_caption_pipeline.py"], cwd, env)
         marks: dict[str, float] = {"exit": r["wall_s"]}
