@@ -4,26 +4,22 @@ An explicit setting (config file, ``CAPTIONFLOW_SERVING__*``, a CLI flag, a keyw
 DataFlow API that differs from the seed's default) is kept as given, and
 :func:`check_engine_limits` refuses it at start-up when it cannot work. What is left unset:
 
-- everywhere: ``max_model_len`` is clamped to the model's own limit, and the engine token
-  budget (``max_num_batched_tokens``) is raised until the largest video that the sampling
-  budgets (``video.max_frames``, ``max_pixels``, ``total_pixels``, ``min_pixels``) can
-  produce fits. vLLM 0.32 has no setting of its own for the encoder cache: it sizes the
-  cache and the encoder's per-step budget as ``max(max_num_batched_tokens, its estimate of
-  the largest item)``, and refuses a request whose video is bigger ("exceeds the
-  pre-allocated encoder cache size"). Its estimate comes from the processor's image bounds
-  and at most 14 frames, so it is below what a real clip of captionflow's sampling gives.
-- with no GPU: a dtype the CPU runs (see :func:`cpu_dtype`), eager mode (torch.compile on a
-  CPU costs minutes at start-up), and the KV cache in bytes sized from free memory, because
-  the CPU backend reads ``gpu_memory_utilization`` as a share of all RAM and refuses to start
-  when that much is not free. The cache holds :data:`KV_MAX_SEQUENCES` sequences at most,
-  and ``max_num_seqs`` is set to that many (vLLM's CPU default, 128 or more, would take every
-  row of a batch at once and hold all their frames in both engine processes).
-- for a batch job (``requests`` known): a context of what its longest request can need (the
-  largest video the sampling budgets allow, :data:`PROMPT_TEXT_TOKENS` of text and
-  ``max_tokens``) instead of the seed's 51200, and KV for as many sequences as the job has
-  rows (up to that bound) of the size of its first decoded request (``sample_tokens``), but
-  never less than one sequence of the whole context, so any longer row still runs (with
-  fewer beside it).
+- everywhere: ``max_model_len`` is clamped to the model's own limit, and the token budget
+  (``max_num_batched_tokens``) raised until the largest video the sampling budgets
+  (``video.max_frames``, ``max_pixels``, ``total_pixels``, ``min_pixels``) allow fits.
+  vLLM 0.32 sizes its encoder cache as ``max(max_num_batched_tokens, its estimate)`` and
+  refuses a bigger video ("exceeds the pre-allocated encoder cache size"); its estimate
+  (the processor's image bounds, at most 14 frames) is below a real clip of captionflow's.
+- with no GPU: a dtype the CPU runs (:func:`cpu_dtype`), eager mode (torch.compile on a
+  CPU costs minutes at start-up), and the KV cache in bytes sized from free memory (the CPU
+  backend reads ``gpu_memory_utilization`` as a share of all RAM and refuses to start when
+  that much is not free), for :data:`KV_MAX_SEQUENCES` sequences at most, and
+  ``max_num_seqs`` that many (vLLM's CPU default, 128 or more, admits every row of a batch
+  at once, each holding its frames in both engine processes).
+- for a batch job (``requests`` known): the context its longest request can need (largest
+  video, :data:`PROMPT_TEXT_TOKENS` of text, ``max_tokens``), not the seed's 51200, and KV
+  for its rows (up to that bound) at the size of its first decoded request
+  (``sample_tokens``), never below one whole context, so a longer row still runs.
 
 On a GPU the seed's own values (dtype auto, gpu_memory_utilization 0.9, ...) stay as they are.
 """
