@@ -47,8 +47,7 @@ KV_FREE_MEMORY_SHARE = 0.25
 # A CPU engine runs a handful of sequences at once; KV for more full-length sequences than
 # this would sit idle.
 KV_MAX_SEQUENCES = 8
-# Room for the chat template, the system prompt and a user prompt in a batch job's context.
-PROMPT_TEXT_TOKENS = 1024
+PROMPT_TEXT_TOKENS = 1024  # room for the chat template and the prompts in a job's context
 KV_MAX_BYTES = 16 << 30
 # vLLM stores KV in blocks; a sequence may need up to one block more than its tokens.
 _KV_BLOCK_TOKENS = 128
@@ -257,9 +256,8 @@ _PLANNED = ("max_model_len", "max_num_batched_tokens", "dtype", "enforce_eager",
 def plan_engine(settings: ServingSettings, video: VideoSettings | None = None, *,
                 cpu: bool, available_bytes: int | None = None,
                 requests: int | None = None, sample_tokens: int | None = None) -> EnginePlan:
-    """``settings`` with the unset engine fields filled in (see the module docstring);
-    ``requests``: how many a batch job will send (None: a service, no end known);
-    ``sample_tokens``: the video tokens of one of its requests."""
+    """``settings`` with the unset engine fields filled in (module docstring). A batch job
+    gives ``requests`` (None: a service) and ``sample_tokens`` (one request's video)."""
     video = video or VideoSettings()
     explicit = settings.model_fields_set
     chosen: dict[str, Any] = {}
@@ -281,13 +279,10 @@ def plan_engine(settings: ServingSettings, video: VideoSettings | None = None, *
             chosen["max_num_seqs"] = sequences
         if requests is not None and "max_model_len" not in explicit:
             current = settings.model_copy(update=chosen)
-            longest = _job_model_len(current, video)
-            if longest < current.max_model_len:
-                chosen["max_model_len"] = longest
+            chosen["max_model_len"] = min(current.max_model_len, _job_model_len(current, video))
         if "kv_cache_memory_bytes" not in explicit and "gpu_memory_utilization" not in explicit:
-            per_sequence = None
-            if requests is not None and sample_tokens is not None:
-                per_sequence = sample_tokens + PROMPT_TEXT_TOKENS + settings.max_tokens
+            per_sequence = None if requests is None or sample_tokens is None else \
+                sample_tokens + PROMPT_TEXT_TOKENS + settings.max_tokens
             chosen.update(_cpu_kv_cache(settings.model_copy(update=chosen), explicit,
                                         available_bytes, sequences=sequences,
                                         per_sequence=per_sequence))
@@ -303,7 +298,7 @@ def plan_engine(settings: ServingSettings, video: VideoSettings | None = None, *
 
 
 def _job_model_len(settings: ServingSettings, video: VideoSettings) -> int:
-    """The context the longest request of a batch job can need, in whole KV blocks."""
+    """The context a batch job's longest request can need, in whole KV blocks."""
     tokens = encoder_tokens_needed(settings, video) + PROMPT_TEXT_TOKENS + settings.max_tokens
     return max(_MIN_MODEL_LEN, math.ceil(tokens / _KV_BLOCK_TOKENS) * _KV_BLOCK_TOKENS)
 
