@@ -60,8 +60,8 @@ if [ "${CAPTIONFLOW_NO_VLLM:-0}" != "1" ]; then
   "$venv/bin/python" "$root/scripts/patch_torchvision.py"
 fi
 
-log "installing captionflow[dev,transformers,ray] (editable)"
-"${pip[@]}" -e "$root[dev,transformers,ray]"
+log "installing captionflow[dev,transformers,ray,bench] (editable)"
+"${pip[@]}" -e "$root[dev,transformers,ray,bench]"
 
 if [ "${CAPTIONFLOW_NO_VLLM:-0}" != "1" ]; then
   # A bare `import vllm` is lazy; this import proves the engine loads.

@@ -144,3 +144,58 @@ def test_seed_example_with_no_settings_captions_twenty_clips_named_by_absolute_p
     out = orjson.loads((work / "cache" / "video_caption_step1.json").read_bytes())
     assert [r["video"] for r in out] == [r["video"] for r in rows]
     assert all(isinstance(r["caption"], str) and "error" not in r for r in out)
+
+
+_TTY_SCRIPT = """
+from captionflow.config import Settings
+from captionflow.dataflow import FileStorage, LocalModelVLMServing_vllm, VideoToCaptionGenerator
+from tests.test_batch_files import Echo
+
+serving = LocalModelVLMServing_vllm.from_backend(Echo(), Settings())
+storage = FileStorage(first_entry_file_name="rows.json", cache_path="cache",
+                      file_name_prefix="video_caption", cache_type="json")
+VideoToCaptionGenerator(vlm_serving=serving).run(storage=storage.step())
+serving.cleanup()
+"""
+
+
+def test_api_on_a_terminal_shows_a_row_bar_and_one_summary_line(tmp_path: Path) -> None:
+    """On a terminal the API draws a progress bar over the rows, then prints one summary
+    line, and nothing else (the captions come from a stand-in model: the output, not the
+    engine, is under test here)."""
+    import pty
+    import select
+
+    from tests.support.worker_fixtures import make_video
+
+    rows = [{"video": [str(make_video(tmp_path / f"v{n}.mp4", seed=n))],
+             "conversation": [{"from": "human", "value": ""}]} for n in range(3)]
+    (tmp_path / "rows.json").write_bytes(orjson.dumps(rows))
+    env = {k: v for k, v in os.environ.items() if k not in QUIET_ENV_NAMES}
+    env.update({"PYTHONPATH": str(REPO), "COLUMNS": "120", "TERM": "xterm"})
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", _TTY_SCRIPT], cwd=tmp_path, env=env,
+                            stdin=follower, stdout=follower, stderr=follower)
+    os.close(follower)
+    chunks = []
+    while True:
+        ready, _, _ = select.select([leader], [], [], 60)
+        try:
+            chunk = os.read(leader, 65536) if ready else b""
+        except OSError:  # the child closed the terminal
+            chunk = b""
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert proc.wait(timeout=60) == 0
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
+    assert "Traceback" not in text and "ERROR" not in text, text
+    lines = [line.strip() for line in re.split(r"[\r\n]+", text) if line.strip()]
+    bars = [line for line in lines if line.startswith("captioning")]
+    assert bars and "3/3" in bars[-1], lines
+    summaries = [line for line in lines if line.startswith("VideoToCaptionGenerator: ")]
+    assert len(summaries) == 1 and "captioned 3, failed 0" in summaries[0], lines
+    assert set(lines) <= set(bars) | set(summaries), lines
+    out = orjson.loads((tmp_path / "cache" / "video_caption_step1.json").read_bytes())
+    assert all(isinstance(r["caption"], str) for r in out)

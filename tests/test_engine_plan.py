@@ -20,9 +20,12 @@ from captionflow.config import ServingSettings, Settings, VideoSettings
 from captionflow.dataflow import LocalModelVLMServing_vllm, VideoToCaptionGenerator
 from captionflow.errors import ConfigError, EngineDeadError, VideoForbiddenError
 from captionflow.serving.engine_plan import (
+    KV_MAX_SEQUENCES,
+    PROMPT_TEXT_TOKENS,
     VLLM_DEFAULT_BATCHED_TOKENS,
     VisionGeometry,
     check_engine_limits,
+    clip_tokens,
     cpu_dtype,
     cpu_has_native_bf16,
     kv_bytes_per_token,
@@ -57,9 +60,47 @@ def test_cpu_plan_fills_every_unset_engine_field(tiny_model_dir_8k: Path,
     # a whole context, so any video that fits the model also fits the encoder cache.
     assert s.max_num_batched_tokens == 8192
     assert set(plan.chosen) == {"max_model_len", "dtype", "enforce_eager",
-                                "kv_cache_memory_bytes", "max_num_batched_tokens"}
+                                "kv_cache_memory_bytes", "max_num_batched_tokens",
+                                "max_num_seqs"}
+    assert s.max_num_seqs == KV_MAX_SEQUENCES  # the KV cache holds no more at full length
     assert "max_model_len=8192" in plan.describe() and "as given none" in plan.describe()
     check_engine_limits(s, cpu=True, video=settings.video, available_bytes=8 * GIB)
+
+
+def test_a_batch_job_sizes_the_engine_from_its_rows(tiny_model_dir: Path,
+                                                    no_captionflow_env: None) -> None:
+    """Not 8 sequences of the seed's 51200 tokens: the context its longest request can
+    need, and KV for its rows at the size of the one it decoded first, never below one
+    whole context."""
+    settings = Settings.load(overrides={"serving.model": str(tiny_model_dir),
+                                        "serving.max_tokens": 64})
+    service = plan_engine(settings.serving, settings.video, cpu=True, available_bytes=8 * GIB)
+    per_token = kv_bytes_per_token(str(tiny_model_dir), "float32")
+    geometry = vision_geometry(str(tiny_model_dir))
+    sample = clip_tokens(20, 364, 644, geometry)  # a 10 s 640x360 clip at 2 fps
+    assert 0 < sample < 10_000
+    job = plan_engine(settings.serving, settings.video, cpu=True, available_bytes=8 * GIB,
+                      requests=20, sample_tokens=sample)
+    s = job.settings
+    bound = largest_video_tokens(settings.video, geometry) + PROMPT_TEXT_TOKENS + 64
+    assert bound <= s.max_model_len < bound + 128 and s.max_model_len < 51200
+    assert s.max_num_seqs == KV_MAX_SEQUENCES
+    # Eight rows of the sampled size fit in less than one whole context here, so the cache
+    # holds one whole context (vLLM refuses less), a fraction of the service's.
+    assert s.kv_cache_memory_bytes == per_token * (s.max_model_len + 128)
+    assert s.kv_cache_memory_bytes < service.settings.kv_cache_memory_bytes / 4
+    check_engine_limits(s, cpu=True, video=settings.video, available_bytes=8 * GIB)
+    # Three rows: three sequences at most.
+    few = plan_engine(settings.serving, settings.video, cpu=True, available_bytes=8 * GIB,
+                      requests=3)
+    assert few.settings.max_num_seqs == 3
+    assert few.settings.kv_cache_memory_bytes == 3 * per_token * (few.settings.max_model_len
+                                                                  + 128)
+    # What the user set stays.
+    given = settings.serving.model_copy(update={"max_model_len": 4096, "max_num_seqs": 2})
+    kept = plan_engine(given, settings.video, cpu=True, available_bytes=8 * GIB, requests=20,
+                       sample_tokens=sample).settings
+    assert (kept.max_model_len, kept.max_num_seqs) == (4096, 2)
 
 
 def test_cpu_dtype_follows_the_checkpoint_and_the_cpu(tiny_model_dir: Path,
@@ -97,7 +138,7 @@ def test_explicit_settings_are_kept(tiny_model_dir: Path, no_captionflow_env: No
     plan = plan_engine(settings.serving, settings.video, cpu=True, available_bytes=8 * GIB)
     assert (plan.settings.dtype, plan.settings.max_model_len,
             plan.settings.kv_cache_memory_bytes) == ("bfloat16", 4096, 64 << 20)
-    assert set(plan.chosen) == {"enforce_eager", "max_num_batched_tokens"}
+    assert set(plan.chosen) == {"enforce_eager", "max_num_batched_tokens", "max_num_seqs"}
     assert plan.given == {"max_model_len": 4096, "dtype": "bfloat16",
                           "kv_cache_memory_bytes": 64 << 20}
 

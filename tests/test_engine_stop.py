@@ -6,7 +6,7 @@ One engine of its own (the session's must survive) serves both tests: the module
 scenario captions a request, notes the engine's processes and shared memory, sends 12
 long requests and closes the engine while they run; each test asserts one side of it.
 
-Written against vLLM 0.32.0, whose internals ``serving/vllm_engine.py`` uses for this
+Written against vLLM 0.32.0, whose internals ``serving/engine_stop.py`` uses for this
 (``engine_core.resources.engine_manager.processes``, ``shutdown(timeout=0)``, the
 ``psm_``/``sem.mp-`` names of multiprocessing's shared memory): this test pins them."""
 
@@ -28,7 +28,8 @@ import pytest_asyncio
 from captionflow.config import ServingSettings
 from captionflow.errors import EngineDeadError
 from captionflow.serving import CaptionRequest
-from captionflow.serving.vllm_engine import VllmBackend, _engine_processes
+from captionflow.serving.engine_stop import _engine_processes
+from captionflow.serving.vllm_engine import VllmBackend
 from tests.support.model_fixtures import synthetic_clip
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="session"),

@@ -7,7 +7,7 @@ quietly in production:
 - aiokafka 0.13.0: ``consumer/publish.py``'s own record-size estimate equals the one the
   producer checks against ``max_request_size``;
 - vLLM 0.32.0: tests/test_engine_stop.py pins the engine teardown and shared-memory cleanup
-  (``serving/vllm_engine.py``: ``engine_core.resources.engine_manager.processes``).
+  (``serving/engine_stop.py``: ``engine_core.resources.engine_manager.processes``).
 """
 
 from __future__ import annotations

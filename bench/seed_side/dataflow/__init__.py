@@ -1,0 +1,8 @@
+# Trimmed from OpenDCAI/DataFlow-MM at a5d48e00d5f28952a9438803238a97870f90b772 (Apache License 2.0,
+# see bench/seed_side/LICENSE) to what the video caption example uses.
+from .utils import *
+from .logger import get_logger
+from .operators import *
+__all__ = [
+    'get_logger',
+]
