@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from captionflow.batch.runner import default_concurrency
 from captionflow.config import Settings
+from captionflow.serving.engine_plan import KV_MAX_SEQUENCES
+from captionflow.serving.engine_setup import vllm_cpu_build
 
 
 def test_default_follows_the_engine_batch_when_smaller() -> None:
@@ -14,7 +16,10 @@ def test_default_follows_the_engine_batch_when_smaller() -> None:
 
 
 def test_default_is_max_in_flight_otherwise() -> None:
-    assert default_concurrency(Settings(worker={"max_in_flight": 32})) == 32
+    # With max_num_seqs unset, a CPU build's engine plan sets it (KV_MAX_SEQUENCES).
+    unset = default_concurrency(Settings(worker={"max_in_flight": 32}))
+    assert unset == (KV_MAX_SEQUENCES + Settings().video.decode_workers
+                     if vllm_cpu_build() else 32)
     assert default_concurrency(Settings(serving={"max_num_seqs": 256},
                                         worker={"max_in_flight": 32})) == 32
     remote = Settings(serving={"backend": "openai", "max_num_seqs": 4},
