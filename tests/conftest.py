@@ -49,17 +49,9 @@ _SHARED_SERVER_MODULES = {"test_serving_openai_live", "test_worker_process",
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    groups: dict[str, str] = {}
     for item in items:
-        marker = item.get_closest_marker("xdist_group")
-        if marker is None:
-            module = item.module.__name__.rsplit(".", 1)[-1] if item.module else item.nodeid
-            group = "vllm_serve" if module in _SHARED_SERVER_MODULES else module
-            item.add_marker(pytest.mark.xdist_group(group))
-        else:
-            group = marker.args[0] if marker.args else marker.kwargs.get("name", "")
-        groups[item.nodeid] = group
-    # Groups with slow tests first (each group keeps its own order): the two processes
-    # then end on short modules instead of one waiting on the other's engine-heavy tail.
-    heavy = {groups[i.nodeid] for i in items if i.get_closest_marker("slow") is not None}
-    items.sort(key=lambda i: groups[i.nodeid] not in heavy)
+        if item.get_closest_marker("xdist_group") is not None:
+            continue
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else item.nodeid
+        group = "vllm_serve" if module in _SHARED_SERVER_MODULES else module
+        item.add_marker(pytest.mark.xdist_group(group))
