@@ -168,7 +168,7 @@ async def wait_ready(client: httpx.AsyncClient, deadline: float) -> None:
 @pytest.mark.asyncio(loop_scope="session")
 async def test_dashboard_and_alert_queries_return_data(live_worker, prometheus):
     deadline = time.monotonic() + DATA_DEADLINE_S
-    async with httpx.AsyncClient(base_url=prometheus, timeout=10) as client:
+    async with httpx.AsyncClient(base_url=prometheus, timeout=30) as client:
         await wait_ready(client, deadline)
 
         # The scrape itself: the shipped job reaches the worker's /metrics.
