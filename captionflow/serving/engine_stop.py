@@ -34,7 +34,7 @@ def stop_engine(engine: Any) -> None:
     _unlink_shm_files(files)
 
 
-async def _stop_output_handler(engine: Any) -> None:
+async def stop_output_handler(engine: Any) -> None:
     """Cancel the task in which vLLM's AsyncLLM reads the engine core's outputs.
 
     Left running while the engine core is killed under it, that task sees the socket

@@ -44,7 +44,7 @@ from captionflow.serving.engine_setup import (
     prepare_vllm_environment,
 )
 from captionflow.serving.engine_stats import SchedulerCounts, engine_capacity
-from captionflow.serving.engine_stop import _stop_output_handler, stop_engine
+from captionflow.serving.engine_stop import stop_output_handler, stop_engine
 from captionflow.serving.prompt import (
     QWEN2_5_VL,
     build_messages,
@@ -178,7 +178,7 @@ class VllmBackend(CaptionBackend):
         if engine is not None:
             # Let the failed callers run before the synchronous shutdown holds the loop.
             await asyncio.sleep(0)
-            await _stop_output_handler(engine)
+            await stop_output_handler(engine)
             stop_engine(engine)
 
     async def healthy(self) -> bool:
