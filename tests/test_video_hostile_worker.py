@@ -45,7 +45,12 @@ async def test_worker_survives_a_killed_decoder(kafka, topics, group_id, vllm_ba
                 break
             await asyncio.sleep(0.01)
         os.kill(pids[0], signal.SIGKILL)
-        [dead] = await read_topic(kafka, topics.dead_letter, expected=1, timeout_s=60)
+        dead_letters = await read_topic(kafka, topics.dead_letter, expected=1, timeout_s=120)
+        assert len(dead_letters) == 1, (
+            f"killed decoder {pids[0]}; busy now {worker.frames.pool.busy_pids()}, "
+            f"in flight {worker.metrics.in_flight._value.get()}, outputs "
+            f"{len(await read_topic(kafka, topics.output, expected=0, settle_s=0.2))}")
+        [dead] = dead_letters
         letter = decode_dead_letter_event(dead.value)
         assert letter.error.code == ErrorCode.DECODE_CRASHED
         assert "during decode" in letter.error.message and "SIGKILL" in letter.error.message
