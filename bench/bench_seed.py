@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from _common import tree_rss_bytes
 from bench_batch import make_clips
 
 from captionflow.serving.tiny_model import build_tiny_model
@@ -119,14 +120,9 @@ def measure(cmd: list[str], cwd: Path, env: dict[str, str]) -> dict[str, Any]:
                 procs = [root, *root.children(recursive=True)]
             except psutil.Error:
                 procs = []
-            total = 0
             for p in procs:
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    continue
                 hwm[p.pid] = max(hwm.get(p.pid, 0), _hwm_bytes(p))
-            peak_sum = max(peak_sum, total)
+            peak_sum = max(peak_sum, tree_rss_bytes(root))
             done.wait(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
