@@ -7,4 +7,4 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$root/scripts/setup.sh"
 cd "$root"
-exec "$root/.venv/bin/python" -m pytest -n 2 --dist loadgroup --durations=15 "$@"
+exec "$root/.venv/bin/python" -m pytest -n 2 --dist loadscope --durations=15 "$@"

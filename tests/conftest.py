@@ -29,6 +29,7 @@ pytest_plugins = [
         "tests.support.worker_fixtures",
         "tests.support.s3_fixtures",
         "tests.support.vllm_server",
+        "tests.support.scheduling",
     ) if importlib.util.find_spec(name) is not None
 ]
 
@@ -38,20 +39,3 @@ def _own_xdg_cache(tmp_path_factory: pytest.TempPathFactory,
                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test's subprocesses find an empty default caption cache, as a first run does."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
-
-
-# Under pytest-xdist (scripts/test.sh runs two workers with --dist loadgroup), each worker
-# process builds its own session fixtures. Tests of one module stay on one worker, in order,
-# so a module-scoped engine starts once; the modules that use `vllm serve` share one worker,
-# so only one server starts; an explicit group (the fixed ports) wins.
-_SHARED_SERVER_MODULES = {"test_serving_openai_live", "test_worker_process",
-                          "test_worker_remote_outage"}
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.get_closest_marker("xdist_group") is not None:
-            continue
-        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else item.nodeid
-        group = "vllm_serve" if module in _SHARED_SERVER_MODULES else module
-        item.add_marker(pytest.mark.xdist_group(group))

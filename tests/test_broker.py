@@ -109,8 +109,8 @@ def test_cli_broker_on_a_taken_port_says_so_and_offers_port_0() -> None:
     assert f"port {port} on 127.0.0.1 is taken" in got.stderr and "--port 0" in got.stderr
 
 
-@pytest.mark.xdist_group("fixed_ports")  # 9092, as test_walkthrough.py
 def test_cli_broker_defaults_to_the_port_the_other_commands_use() -> None:
+    # 9092, as test_walkthrough.py: tests/support/scheduling.py runs both on one xdist worker.
     from captionflow.broker import port_free
 
     if not port_free("127.0.0.1", 9092):

@@ -24,8 +24,9 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 SECTION = "## Caption your own videos in five minutes"
 GPU_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 
-# Fixed ports (9092, 9400): run on the same xdist worker as every other user of them.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900), pytest.mark.xdist_group("fixed_ports")]
+# Fixed ports (9092, 9400): tests/support/scheduling.py runs this module on the same xdist
+# worker as every other user of them.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def walkthrough_blocks() -> list[list[str]]:
