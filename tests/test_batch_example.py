@@ -11,9 +11,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from captionflow.config import DEFAULT_PROMPT, ServingSettings
+from captionflow.config import DEFAULT_PROMPT
 from tests.support.corpus import CorpusFile
-from tests.test_batch_cli import REPO, engine_env, mixed_rows
+from tests.test_batch_cli import REPO, mixed_rows
 
 EXAMPLE = REPO / "examples" / "video_caption_pipeline.py"
 SEED_DOC = REPO.parent / "shared" / "seed" / "video_caption_pipeline.md"
@@ -52,47 +52,6 @@ def test_example_is_the_seed_example_with_only_its_imports_changed() -> None:
     assert len(imports) == 3
 
 
-@pytest.mark.slow
-def test_seed_example_runs_records_bad_rows_and_resumes(
-        tmp_path: Path, tiny_settings: ServingSettings,
-        video_corpus: dict[str, CorpusFile]) -> None:
-    rows, bad = mixed_rows(tmp_path, video_corpus)
-    entry = tmp_path / "dataflow" / "example" / "video_caption" / "sample_data.json"
-    entry.parent.mkdir(parents=True)
-    entry.write_bytes(orjson.dumps(rows))
-    script = tmp_path / "video_caption_pipeline.py"
-    script.write_text(EXAMPLE.read_text())
-    env = engine_env(tiny_settings, tmp_path / "vllm")
-    for name in QUIET_ENV_NAMES:  # a user's shell sets none of these
-        env.pop(name, None)
-
-    first = subprocess.run([sys.executable, script.name], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=280)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert "captioned 3, failed 3" in first.stderr, first.stderr[-3000:]
-    assert "no engine started" not in first.stderr
-    assert_clean_and_quiet(first)
-    out_path = tmp_path / "cache" / "video_caption_step1.json"
-    out = orjson.loads(out_path.read_bytes())
-    assert [r["video"] for r in out] == [r["video"] for r in rows]
-    for i, got in enumerate(out):
-        if i in bad:
-            assert got["caption"] is None and got["error"]["code"] == bad[i], got
-        else:
-            assert isinstance(got["caption"], str) and got["caption"], got
-            want = "What moves?" if i == 2 else DEFAULT_PROMPT
-            assert got["conversation"][0] == {"from": "human", "value": want}
-
-    before = out_path.read_bytes()
-    second = subprocess.run([sys.executable, script.name], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=280)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "captioned 0, failed 3" in second.stderr and "skipped 3" in second.stderr
-    assert "no engine started" in second.stderr  # nothing was left for the model
-    assert_clean_and_quiet(second)
-    assert out_path.read_bytes() == before
-
-
 def encode_clip(path: Path, seed: int, *, seconds: int = 10, fps: int = 10, width: int = 640,
                 height: int = 360) -> Path:
     """A real H.264 clip of moving blocks (ultrafast preset: 20 of them in ~40 s here)."""
@@ -117,33 +76,58 @@ def encode_clip(path: Path, seed: int, *, seconds: int = 10, fps: int = 10, widt
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_seed_example_with_no_settings_captions_twenty_clips_named_by_absolute_paths(
-        tmp_path: Path, tiny_model_dir_8k: Path) -> None:
+def test_seed_example_as_written_captions_the_seeds_job_records_bad_rows_and_resumes(
+        tmp_path: Path, tiny_model_dir_8k: Path,
+        video_corpus: dict[str, CorpusFile]) -> None:
     """The seed's example as written, on this CPU machine, with only the model named (the
-    script asks for the 7B checkpoint): the engine settings are filled in for the machine,
-    and DataFlow's absolute video paths outside the working directory are read."""
+    script asks for the 7B checkpoint): the engine settings are filled in for the machine.
+    Its rows are the seed's job (20 clips, named by absolute paths outside the working
+    directory, as DataFlow writes them) and the bad rows a user's file has; a second run
+    captions nothing twice and starts no engine. One script, two runs: each engine start
+    costs this suite half a minute."""
+    work = tmp_path / "project"
+    work.mkdir()
+    rows, bad = mixed_rows(work, video_corpus)
     videos = tmp_path / "media" / "clips"
     videos.mkdir(parents=True)
     clips = [encode_clip(videos / f"clip{n:02d}.mp4", seed=n) for n in range(20)]
-    work = tmp_path / "project"
+    rows += [{"video": [str(clip)], "conversation": [{"from": "human", "value": ""}]}
+             for clip in clips]
     entry = work / "dataflow" / "example" / "video_caption" / "sample_data.json"
     entry.parent.mkdir(parents=True)
-    rows = [{"video": [str(clip)], "conversation": [{"from": "human", "value": ""}]}
-            for clip in clips]
     entry.write_bytes(orjson.dumps(rows))
     (work / "video_caption_pipeline.py").write_text(EXAMPLE.read_text())
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("CAPTIONFLOW_", "VLLM_CACHE_ROOT", "VLLM_RPC_BASE_PATH"))}
+    env = {k: v for k, v in os.environ.items() if k not in QUIET_ENV_NAMES
+           and not k.startswith(("CAPTIONFLOW_", "VLLM_CACHE_ROOT", "VLLM_RPC_BASE_PATH"))}
     env.update({"CAPTIONFLOW_SERVING__MODEL": str(tiny_model_dir_8k), "PYTHONPATH": str(REPO)})
+    good = len(rows) - len(bad)
 
-    done = subprocess.run([sys.executable, "video_caption_pipeline.py"], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=800)
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert "captioned 20, failed 0" in done.stderr, done.stderr[-4000:]
-    assert_clean_and_quiet(done)
-    out = orjson.loads((work / "cache" / "video_caption_step1.json").read_bytes())
+    first = subprocess.run([sys.executable, "video_caption_pipeline.py"], cwd=work, env=env,
+                           capture_output=True, text=True, timeout=800)
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert f"captioned {good}, failed {len(bad)}" in first.stderr, first.stderr[-4000:]
+    assert_clean_and_quiet(first)
+    out_path = work / "cache" / "video_caption_step1.json"
+    out = orjson.loads(out_path.read_bytes())
     assert [r["video"] for r in out] == [r["video"] for r in rows]
-    assert all(isinstance(r["caption"], str) and "error" not in r for r in out)
+    for i, got in enumerate(out):
+        if i in bad:
+            assert got["caption"] is None and got["error"]["code"] == bad[i], got
+        else:
+            assert isinstance(got["caption"], str) and got["caption"], got
+            assert "error" not in got, got
+            want = "What moves?" if i == 2 else DEFAULT_PROMPT
+            assert got["conversation"][0] == {"from": "human", "value": want}
+
+    before = out_path.read_bytes()
+    second = subprocess.run([sys.executable, "video_caption_pipeline.py"], cwd=work, env=env,
+                            capture_output=True, text=True, timeout=280)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"captioned 0, failed {len(bad)}" in second.stderr, second.stderr[-3000:]
+    assert f"skipped {good}" in second.stderr, second.stderr[-3000:]
+    assert "no engine started" in second.stderr  # nothing was left for the model
+    assert_clean_and_quiet(second)
+    assert out_path.read_bytes() == before
 
 
 _TTY_SCRIPT = """

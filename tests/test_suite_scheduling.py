@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.support.scheduling import SHARED_GROUPS, group_of
+from tests.support.scheduling import SECONDS, SHARED_GROUPS, group_of
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,3 +52,9 @@ def test_two_workers_keep_each_group_on_one_worker(tmp_path: Path) -> None:
     assert sum(1 for _ in where.read_text().splitlines()) == 4 * len(modules)
     assert all(len(ws) == 1 for ws in workers.values()), dict(workers)
     assert len(set().union(*workers.values())) == 2, dict(workers)  # both workers were used
+
+
+def test_every_timed_group_exists() -> None:
+    """A renamed module would silently lose its place at the front of the run."""
+    groups = {group_of(path.name) for path in (REPO / "tests").glob("test_*.py")}
+    assert set(SECONDS) <= groups, set(SECONDS) - groups
