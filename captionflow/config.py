@@ -322,7 +322,8 @@ class ServingSettings(_Section):
     trust_remote_code: bool = Field(
         False, description="Allow a model's own code from its repository.")
     # Where vLLM keeps its cache, RPC sockets and temp files (VLLM_CACHE_ROOT,
-    # VLLM_RPC_BASE_PATH, TMPDIR); a fresh temp dir when unset.
+    # VLLM_RPC_BASE_PATH, TMPDIR). Unset: sockets and temp files in a fresh temp dir, the
+    # cache where vLLM keeps it by default (~/.cache/vllm), kept between runs.
     work_dir: Path | None = None
     system_prompt: str = Field(
         DEFAULT_SYSTEM_PROMPT, description="System message of every request.")

@@ -20,6 +20,12 @@ for _name, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"),
 os.environ.setdefault("CAPTIONFLOW_CACHE__ENABLED", "false")
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="captionflow-test-xdg-cache-")
 atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
+# vLLM's own cache is this test process's, shared by every engine it and its subprocesses
+# start (tests that run as a user who set nothing keep it too), as a user's ~/.cache/vllm
+# is: a cold one costs each engine start ~11 s of model inspection.
+if "VLLM_CACHE_ROOT" not in os.environ:
+    os.environ["VLLM_CACHE_ROOT"] = tempfile.mkdtemp(prefix="captionflow-test-vllm-cache-")
+    atexit.register(shutil.rmtree, os.environ["VLLM_CACHE_ROOT"], ignore_errors=True)
 
 pytest_plugins = [
     name for name in (

@@ -98,7 +98,7 @@ def test_seed_example_as_written_captions_the_seeds_job_records_bad_rows_and_res
     entry.write_bytes(orjson.dumps(rows))
     (work / "video_caption_pipeline.py").write_text(EXAMPLE.read_text())
     env = {k: v for k, v in os.environ.items() if k not in QUIET_ENV_NAMES
-           and not k.startswith(("CAPTIONFLOW_", "VLLM_CACHE_ROOT", "VLLM_RPC_BASE_PATH"))}
+           and not k.startswith(("CAPTIONFLOW_", "VLLM_RPC_BASE_PATH"))}
     env.update({"CAPTIONFLOW_SERVING__MODEL": str(tiny_model_dir_8k), "PYTHONPATH": str(REPO)})
     good = len(rows) - len(bad)
 

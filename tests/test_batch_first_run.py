@@ -24,10 +24,10 @@ pytestmark = pytest.mark.slow
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """The environment of a user who has set nothing: no CAPTIONFLOW_* and no vLLM paths
-    (captionflow prepares those itself)."""
+    """The environment of a user who has set nothing: no CAPTIONFLOW_* and no vLLM socket
+    path (captionflow prepares it itself). vLLM's cache stays the session's (conftest.py)."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("CAPTIONFLOW_", "VLLM_CACHE_ROOT", "VLLM_RPC_BASE_PATH"))}
+           if not k.startswith(("CAPTIONFLOW_", "VLLM_RPC_BASE_PATH"))}
     env["PYTHONPATH"] = str(REPO)
     env.update(extra)
     return env

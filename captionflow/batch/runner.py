@@ -92,6 +92,15 @@ class LazyBackend:
         self.started = False
         self.start_error: CaptionflowError | None = None
 
+    async def prepare(self, requests: int) -> None:
+        """The backend's :meth:`~CaptionBackend.prepare` for the whole job; a refusal
+        (a model path that holds no model) is a start-up failure, like :meth:`caption`'s."""
+        try:
+            await self._backend.prepare(requests=requests)
+        except CaptionflowError as e:
+            self.start_error = e
+            raise
+
     async def caption(self, request: CaptionRequest) -> CaptionResult:
         if not self.started:
             async with self._lock:
@@ -223,7 +232,7 @@ async def caption_rows(rows: list[Any], *, settings: Settings, backend: CaptionB
     try:
         if lanes > 0:  # a rerun with every row done starts no decoder (nor opens a GPU)
             async with FrameSource(settings.video) as frames, asyncio.TaskGroup() as group:
-                group.create_task(backend.prepare(requests=len(rows) - len(done)))
+                group.create_task(lazy.prepare(len(rows) - len(done)))
                 for _ in range(lanes):
                     group.create_task(lane(frames))
     except ExceptionGroup as eg:

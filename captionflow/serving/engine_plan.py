@@ -323,10 +323,9 @@ def _cpu_kv_cache(settings: ServingSettings, explicit: set[str],
     return out
 
 
-def check_engine_limits(settings: ServingSettings, *, cpu: bool,
-                        video: VideoSettings | None = None,
-                        available_bytes: int | None = None) -> None:
-    """Refuse settings that the engine would reject later or mishandle, with the fix."""
+def check_model_path(settings: ServingSettings) -> None:
+    """Refuse a ``serving.model`` that names a local path holding no checkpoint (a model
+    name, such as ``Qwen/Qwen2.5-VL-7B-Instruct``, passes). Cheap: no vLLM import."""
     model = Path(settings.model).expanduser()
     if not model.is_dir() and (model.exists() or _looks_like_path(settings.model)):
         raise ConfigError(
@@ -336,6 +335,13 @@ def check_engine_limits(settings: ServingSettings, *, cpu: bool,
     if model.is_dir() and not (model / "config.json").is_file():
         raise ConfigError(f"serving.model {settings.model!r} has no config.json: give the "
                           "folder of a Hugging Face checkpoint")
+
+
+def check_engine_limits(settings: ServingSettings, *, cpu: bool,
+                        video: VideoSettings | None = None,
+                        available_bytes: int | None = None) -> None:
+    """Refuse settings that the engine would reject later or mishandle, with the fix."""
+    check_model_path(settings)
     limit = model_max_positions(settings.model)
     if limit is not None and settings.max_model_len > limit:
         raise ConfigError(

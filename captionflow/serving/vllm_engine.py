@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from captionflow.aio import in_daemon_thread
 from captionflow.config import ServingSettings, VideoSettings
 from captionflow.errors import (
     CaptionflowError,
@@ -35,7 +36,12 @@ from captionflow.serving.base import (
     EngineCapacity,
     EngineLoad,
 )
-from captionflow.serving.engine_plan import clip_tokens, encoder_tokens_needed, vision_geometry
+from captionflow.serving.engine_plan import (
+    check_model_path,
+    clip_tokens,
+    encoder_tokens_needed,
+    vision_geometry,
+)
 from captionflow.serving.engine_setup import (
     check_engine_limits,
     engine_args,
@@ -44,7 +50,7 @@ from captionflow.serving.engine_setup import (
     prepare_vllm_environment,
 )
 from captionflow.serving.engine_stats import SchedulerCounts, engine_capacity
-from captionflow.serving.engine_stop import stop_output_handler, stop_engine
+from captionflow.serving.engine_stop import stop_engine, stop_output_handler
 from captionflow.serving.prompt import (
     QWEN2_5_VL,
     build_messages,
@@ -113,9 +119,13 @@ class VllmBackend(CaptionBackend):
 
     async def prepare(self, *, requests: int | None = None,
                       sample: CaptionRequest | None = None) -> None:
-        """Remember the job's size (and one of its requests) for the engine plan, and
-        import vLLM (seconds) in a thread while the first rows decode; :meth:`start`
-        builds the engine."""
+        """Remember the job's size (and one of its requests) for the engine plan, and start
+        importing vLLM (seconds) while the first rows decode; :meth:`start` waits for it
+        and builds the engine. A model path that holds no checkpoint is refused here, before
+        any row is decoded (:class:`ConfigError`).
+
+        The import runs in a daemon thread and nothing else waits for it: a run whose rows
+        all fail before the model (missing files, rows already done) ends without it."""
         if requests is not None:
             self._job_requests = requests
         if sample is not None and sample.clip is not None:
@@ -123,10 +133,13 @@ class VllmBackend(CaptionBackend):
             self._job_sample_tokens = clip_tokens(t, h, w, vision_geometry(
                 self.settings.model, self.settings.mm_processor_kwargs))
         if self._importing is None:
+            check_model_path(self.settings)
             prepare_vllm_environment(self.settings.work_dir)
-            self._importing = asyncio.ensure_future(asyncio.to_thread(_import_engine))
-        with contextlib.suppress(Exception):  # start() imports it again and reports
-            await self._importing
+            self._importing = asyncio.ensure_future(
+                in_daemon_thread(_import_engine, name="vllm-import"))
+            # start() imports again and reports a failure; a run that never starts the
+            # engine has nothing to report.
+            self._importing.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def start(self) -> None:
         if self._engine is not None:

@@ -33,7 +33,7 @@ def synthetic_clip(seed: int, *, frames: int = 4, height: int = 56, width: int =
 
 @pytest.fixture(scope="session")
 def serving_work_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """vLLM's cache, RPC sockets and temp files for the whole session."""
+    """vLLM's RPC sockets and temp files for the whole session (its cache: conftest.py)."""
     root = tmp_path_factory.mktemp("vllm-work")
     prepare_vllm_environment(root)
     return root
