@@ -20,12 +20,22 @@ for _name, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"),
 os.environ.setdefault("CAPTIONFLOW_CACHE__ENABLED", "false")
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="captionflow-test-xdg-cache-")
 atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
-# vLLM's own cache is this test process's, shared by every engine it and its subprocesses
-# start (tests that run as a user who set nothing keep it too), as a user's ~/.cache/vllm
-# is: a cold one costs each engine start ~11 s of model inspection.
+# vLLM's own cache is the run's, shared by every engine its test processes and their
+# subprocesses start (tests that run as a user who set nothing keep it too), as a user's
+# ~/.cache/vllm is: a cold one costs each engine start ~11 s of model inspection. The
+# pytest-xdist controller makes it before it starts the workers, which inherit it, and
+# removes it after they are gone.
 if "VLLM_CACHE_ROOT" not in os.environ:
     os.environ["VLLM_CACHE_ROOT"] = tempfile.mkdtemp(prefix="captionflow-test-vllm-cache-")
     atexit.register(shutil.rmtree, os.environ["VLLM_CACHE_ROOT"], ignore_errors=True)
+# vLLM binds a CPU engine's compute threads to one core, core 0 by default, so every engine
+# of the run (up to five at once) would share core 0 while the other idled. Each test
+# process binds the engines it and its subprocesses start to a core of its own instead.
+_XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _XDIST_WORKER and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+    _cores = sorted(os.sched_getaffinity(0))
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(
+        _cores[int(_XDIST_WORKER.removeprefix("gw")) % len(_cores)])
 
 pytest_plugins = [
     name for name in (
