@@ -28,14 +28,6 @@ atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 if "VLLM_CACHE_ROOT" not in os.environ:
     os.environ["VLLM_CACHE_ROOT"] = tempfile.mkdtemp(prefix="captionflow-test-vllm-cache-")
     atexit.register(shutil.rmtree, os.environ["VLLM_CACHE_ROOT"], ignore_errors=True)
-# vLLM binds a CPU engine's compute threads to one core, core 0 by default, so every engine
-# of the run (up to five at once) would share core 0 while the other idled. Each test
-# process binds the engines it and its subprocesses start to a core of its own instead.
-_XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
-if _XDIST_WORKER and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-    _cores = sorted(os.sched_getaffinity(0))
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(
-        _cores[int(_XDIST_WORKER.removeprefix("gw")) % len(_cores)])
 
 pytest_plugins = [
     name for name in (
