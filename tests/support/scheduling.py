@@ -29,17 +29,17 @@ SHARED_GROUPS = {
 }
 
 
-# Seconds each long group took in a fresh-clone run of scripts/test.sh (2 cores, two workers;
+# Seconds each long group took in a run of scripts/test.sh (2 cores, two workers;
 # a group's share of a session engine's start included). The longest go first, so that the
 # run does not end with one worker busy on a long group while the other waits: a stale
 # figure costs only balance. A group not named here goes after these, in xdist's order
 # (most tests first).
 SECONDS = {
-    "vllm_serve": 160, "test_batch_first_run": 89, "test_worker_refusals": 83,
-    "fixed_ports": 83, "test_ray": 78, "test_fleet": 63, "test_batch_example": 60,
-    "test_cache_workers": 52, "test_sink_faults": 46, "test_worker_faults": 39,
-    "test_serving_vllm": 38, "test_demo": 35, "test_batch_cli": 34, "test_qwen3_vl": 33,
-    "test_worker": 32, "test_video_s3": 30, "test_images_engine": 26,
+    "vllm_serve": 164, "test_batch_first_run": 71, "test_fleet": 65, "test_cache_workers": 56,
+    "test_worker_refusals": 55, "test_ray": 52, "fixed_ports": 49, "test_sink_faults": 44,
+    "test_batch_example": 38, "test_worker_faults": 35, "test_demo": 35, "test_video_s3": 33,
+    "test_qwen3_vl": 32, "test_engine_stop": 31, "test_batch_cli": 30, "test_worker": 29,
+    "test_images_engine": 26, "test_worker_bounds": 26, "test_video_hostile": 20,
 }
 
 
