@@ -4,6 +4,8 @@ retry and error mapping (against an in-process HTTP transport), the tiny model f
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import httpx
 import pytest
@@ -280,3 +282,23 @@ def test_vllm_server_command_has_the_engine_settings(tiny_model_dir):
     assert json.loads(flags["--limit-mm-per-prompt"]) == {"image": 0, "video": 1}
     assert "--enforce-eager" in cmd and "--trust-request-mm-kwargs" in cmd
     assert "--gpu-memory-utilization" not in cmd
+
+
+def test_vllms_cache_stays_its_own_unless_a_work_dir_is_given(tmp_path, monkeypatch) -> None:
+    """Sockets and temp files go to a fresh directory; vLLM's cache (its model inspection,
+    ~11 s per cold engine start) stays where vLLM keeps it, unless serving.work_dir says."""
+    from captionflow.serving.engine_setup import prepare_vllm_environment
+
+    for name in ("VLLM_CACHE_ROOT", "VLLM_RPC_BASE_PATH", "TMPDIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # mkdtemp reads it, not TMPDIR
+    prepare_vllm_environment()
+    assert "VLLM_CACHE_ROOT" not in os.environ
+    rpc, tmp = Path(os.environ["VLLM_RPC_BASE_PATH"]), Path(os.environ["TMPDIR"])
+    assert rpc.is_dir() and tmp.is_dir()
+
+    for name in ("VLLM_RPC_BASE_PATH", "TMPDIR"):
+        monkeypatch.delenv(name)
+    prepare_vllm_environment(tmp_path / "work")
+    assert os.environ["VLLM_CACHE_ROOT"] == str(tmp_path / "work" / "cache")
+    assert os.environ["TMPDIR"] == str(tmp_path / "work" / "tmp")

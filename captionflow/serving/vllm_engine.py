@@ -125,7 +125,7 @@ class VllmBackend(CaptionBackend):
         any row is decoded (:class:`ConfigError`).
 
         The import runs in a daemon thread and nothing else waits for it: a run whose rows
-        all fail before the model (missing files, rows already done) ends without it."""
+        all fail before the model (missing or unreadable files) ends without it."""
         if requests is not None:
             self._job_requests = requests
         if sample is not None and sample.clip is not None:

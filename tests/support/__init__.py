@@ -3,7 +3,9 @@ engine or server start costs the suite 20-40 s on 2 cores, and the whole suite m
 under 10 minutes (``scripts/test.sh`` prints the 15 slowest tests).
 
 Session fixtures (one per test process: scripts/test.sh runs two, and keeps a module's tests
-in one of them; registered in tests/conftest.py):
+in one of them, scheduling.py; registered in tests/conftest.py). A module that must share a
+test process with another (one ``vllm serve``, fixed ports) is listed in
+``scheduling.SHARED_GROUPS``:
 
 - ``broker`` (broker_fixtures.py): the embedded Tansu broker; per test, ``kafka`` (its
   settings), ``topics`` (three fresh 4-partition topics) and ``group_id`` (a fresh group).
