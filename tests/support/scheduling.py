@@ -8,7 +8,9 @@ once are one group (:data:`SHARED_GROUPS`).
 The suite does not use xdist's own ``--dist loadgroup``: it groups by rewriting each test's
 node id in the worker, which pytest 9.2's structured node ids ignore, so every test was
 scheduled on its own, silently (pytest-xdist 3.8.0, pytest-dev/pytest-xdist#1386).
-tests/test_suite_scheduling.py runs two workers and checks the grouping holds.
+The scheduler below overrides two methods of xdist's ``LoadScopeScheduling`` (written
+against pytest-xdist 3.8.0); tests/test_suite_scheduling.py runs two workers and checks that
+the groups hold and the longest start first.
 """
 
 from __future__ import annotations
