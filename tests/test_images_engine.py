@@ -1,5 +1,5 @@
-"""Images reach the model: the vLLM CPU engine (one allowing 2 images per prompt, for this
-module) against the transformers reference, and through a real worker."""
+"""Images reach the model: the shared vLLM CPU engine (it allows 2 images per prompt) against
+the transformers reference, and through a real worker."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from tests.test_images import write_image
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600),
               pytest.mark.filterwarnings("ignore:Unclosed context:ResourceWarning"),
               pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
-module_loop = pytest.mark.asyncio(loop_scope="module")
+session_loop = pytest.mark.asyncio(loop_scope="session")
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +53,14 @@ async def caption_with(backend, event: VideoEvent, settings: Settings):
                                settings=settings, attempts=Attempts(settings.worker))
 
 
-@module_loop
+@session_loop
 @pytest.mark.parametrize(("images", "fps"), [(["a.png"], 2.0), (["a.png", "b.jpg"], 2.0),
                                               (["b.jpg", "a.png"], 0.5)])
 async def test_event_images_reach_vllm_as_transformers_sees_them(
-        vllm_image_backend, hf_backend_sync, tiny_image_settings, media, images, fps):
-    settings = settings_for(media, tiny_image_settings, fps=fps)
+        vllm_backend, hf_backend_sync, tiny_settings, media, images, fps):
+    settings = settings_for(media, tiny_settings, fps=fps)
     event = VideoEvent(id="img", video=str(media / "v.mp4"), image=images)
-    got = await caption_with(vllm_image_backend, event, settings)
+    got = await caption_with(vllm_backend, event, settings)
     reference = await caption_with(hf_backend_sync, event, settings)
     [result], [want] = got.results, reference.results
 
@@ -80,20 +80,20 @@ async def test_event_images_reach_vllm_as_transformers_sees_them(
     assert result.token_ids == want.token_ids and result.completion_tokens > 0
 
     # Without the images the prompt is another one.
-    plain = await caption_with(vllm_image_backend,
+    plain = await caption_with(vllm_backend,
                                VideoEvent(id="plain", video=str(media / "v.mp4")), settings)
     assert len(plain.results[0].prompt_token_ids) < len(ids)
 
 
 @pytest.mark.parametrize(("frames", "fps", "n_images"), [(4, 2.0, 1), (8, 0.5, 2), (8, 1.0, 1)])
 def test_transformers_mrope_positions_with_images_equal_vllms(
-        hf_backend_sync, frames, fps, n_images, media, tiny_image_settings):
+        hf_backend_sync, frames, fps, n_images, media, tiny_settings):
     import types
 
     import torch
     from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 
-    settings = settings_for(media, tiny_image_settings)
+    settings = settings_for(media, tiny_settings)
     images = load_images(["a.png", "b.jpg"][:n_images], settings.video)
     inputs = hf_backend_sync.processor_inputs(CaptionRequest(
         "pos", synthetic_clip(3, frames=frames, fps=fps), "", images=images))
@@ -120,10 +120,10 @@ def test_transformers_mrope_positions_with_images_equal_vllms(
     assert int(got_delta) == want_delta
 
 
-@module_loop
+@session_loop
 async def test_worker_captions_image_events_and_dead_letters_a_missing_image(
-        kafka, topics, group_id, vllm_image_backend, tiny_image_settings, media):
-    settings = worker_settings(kafka, topics, group_id, tiny_image_settings, (media,))
+        kafka, topics, group_id, vllm_backend, tiny_settings, media):
+    settings = worker_settings(kafka, topics, group_id, tiny_settings, (media,))
     video = str(media / "v.mp4")
     good = {"id": "good", "video": video, "image": [str(media / "a.png")]}
     missing = {"id": "missing", "video": video, "image": [str(media / "nope.png")]}
@@ -137,12 +137,12 @@ async def test_worker_captions_image_events_and_dead_letters_a_missing_image(
                                          key=event["id"].encode())
     finally:
         await producer.stop()
-    async with running_worker(settings, vllm_image_backend):
+    async with running_worker(settings, vllm_backend):
         [out] = await read_topic(kafka, topics.output, expected=1, timeout_s=120)
         [dead] = await read_topic(kafka, topics.dead_letter, expected=1, timeout_s=60)
     caption = decode_caption_event(out.value)
     assert caption.id == "good" and caption.image == good["image"]
-    expected = await caption_with(vllm_image_backend, VideoEvent(**good), settings)
+    expected = await caption_with(vllm_backend, VideoEvent(**good), settings)
     assert caption.caption == expected.text
     assert caption.usage.prompt_tokens == expected.prompt_tokens
     letter = decode_dead_letter_event(dead.value)
@@ -150,12 +150,15 @@ async def test_worker_captions_image_events_and_dead_letters_a_missing_image(
     assert "nope.png" in letter.error.message
 
 
-@pytest.mark.asyncio(loop_scope="session")
-async def test_an_engine_allowing_no_images_refuses_them(vllm_backend, media,
-                                                         tiny_image_settings):
-    # The shared engine runs the CPU default, limit_mm_per_prompt image 0.
-    assert vllm_backend.settings.limit_mm_per_prompt["image"] == 0
-    images = load_images(["a.png"], settings_for(media, tiny_image_settings).video)
+@session_loop
+async def test_more_images_than_the_engine_allows_are_refused_as_the_requests_fault(
+        vllm_backend, media, tiny_settings):
+    # Sent straight to the backend, past captionflow's own check of the limit
+    # (test_images.py): vLLM refuses, and the refusal is the request's, not the engine's.
+    assert vllm_backend.settings.limit_mm_per_prompt["image"] == 2
+    images = load_images(["a.png", "b.jpg", "a.png"], settings_for(media, tiny_settings).video)
     with pytest.raises(InvalidRequestError):
         await vllm_backend.caption(CaptionRequest("refused", synthetic_clip(0), "",
                                                   images=images))
+    ok = await vllm_backend.caption(CaptionRequest("after", synthetic_clip(0), ""))
+    assert isinstance(ok.text, str)

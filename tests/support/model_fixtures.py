@@ -50,13 +50,19 @@ def tiny_model_dir_8k(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models-8k"), max_position_embeddings=8192)
 
 
+# Images per prompt for the shared engine (the CPU default is 0): one engine serves the
+# image tests too, instead of a second engine start (~25 s on 2 cores).
+IMAGE_LIMIT = {"image": 2, "video": 1}
+
+
 @pytest.fixture(scope="session")
 def tiny_settings(tiny_model_dir: Path, serving_work_dir: Path):
     """Greedy CPU-engine settings for the tiny model (short outputs keep tests fast), with
     16 sequences at once so that one engine also shows a worker filling it past the old
-    2 x max_batch_size cap (test_fleet.py)."""
+    2 x max_batch_size cap (test_fleet.py), and 2 images per prompt (test_images_engine.py)."""
     return tiny_cpu_settings(tiny_model_dir, temperature=0.0, max_tokens=12,
-                             work_dir=serving_work_dir, max_num_seqs=16)
+                             work_dir=serving_work_dir, max_num_seqs=16,
+                             limit_mm_per_prompt=IMAGE_LIMIT)
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
@@ -82,28 +88,3 @@ def hf_backend_sync(tiny_settings):
     asyncio.run(backend.start())
     yield backend
     asyncio.run(backend.close())
-
-
-# Images per prompt for the image-capable engine; the shared engine keeps the CPU default (0).
-IMAGE_LIMIT = {"image": 2, "video": 1}
-
-
-@pytest.fixture(scope="session")
-def tiny_image_settings(tiny_model_dir: Path, serving_work_dir: Path):
-    """``tiny_settings`` with images allowed (``limit_mm_per_prompt`` image 2)."""
-    return tiny_cpu_settings(tiny_model_dir, temperature=0.0, max_tokens=12,
-                             work_dir=serving_work_dir, limit_mm_per_prompt=IMAGE_LIMIT)
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def vllm_image_backend(tiny_image_settings) -> AsyncIterator:
-    """A second CPU engine that accepts images, for one module at a time (mark its tests
-    ``@pytest.mark.asyncio(loop_scope="module")``); closed when the module ends."""
-    from captionflow.serving.vllm_engine import VllmBackend
-
-    backend = VllmBackend(tiny_image_settings)
-    await backend.start()
-    try:
-        yield backend
-    finally:
-        await backend.close()
