@@ -41,7 +41,7 @@ SECONDS = {
     "test_worker_refusals": 55, "test_ray": 52, "fixed_ports": 49, "test_sink_faults": 44,
     "test_batch_example": 38, "test_worker_faults": 35, "test_demo": 35, "test_video_s3": 33,
     "test_qwen3_vl": 32, "test_engine_stop": 31, "test_batch_cli": 30, "test_worker": 29,
-    "test_images_engine": 26, "test_worker_bounds": 26, "test_video_hostile": 20,
+    "test_worker_bounds": 26, "test_video_hostile": 20,
 }
 
 
