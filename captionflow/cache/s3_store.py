@@ -24,13 +24,13 @@ class S3Store:
         self.bucket, self.prefix, self._config = bucket, prefix, config
         self.url = f"s3://{bucket}/{prefix}"
 
-    def _client(self) -> Any:
+    def _s3(self) -> Any:
         return client_for(self._config)
 
     def get(self, key: str) -> bytes | None:
         name = self.prefix + object_name(key)
         try:
-            return self._client().get_object(Bucket=self.bucket, Key=name)["Body"].read()
+            return self._s3().get_object(Bucket=self.bucket, Key=name)["Body"].read()
         except Exception as e:
             code = str(getattr(e, "response", {}).get("Error", {}).get("Code", ""))
             if code in _MISSING:
@@ -42,7 +42,7 @@ class S3Store:
     def put(self, key: str, value: bytes) -> None:
         name = self.prefix + object_name(key)
         try:
-            self._client().put_object(Bucket=self.bucket, Key=name, Body=value,
+            self._s3().put_object(Bucket=self.bucket, Key=name, Body=value,
                                       ContentType="application/json")
         except Exception as e:
             raise CacheUnavailableError(

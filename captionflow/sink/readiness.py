@@ -87,8 +87,9 @@ class SinkReadiness:
             self.up(Dependency.OBJECT_STORE)
         broker_ok = False
         with contextlib.suppress(Exception):
-            # A real metadata request: aiokafka's cached broker list never empties.
-            await asyncio.wait_for(consumer._client.fetch_all_metadata(), k.probe_timeout_s)
+            # A real metadata request (``topics()`` asks the cluster each call): aiokafka's
+            # cached broker list never empties.
+            await asyncio.wait_for(consumer.topics(), k.probe_timeout_s)
             broker_ok = True
         if not broker_ok:
             self.down(Dependency.BROKER,

@@ -40,7 +40,7 @@ class S3Store:
         return cls(bucket, prefix, config, part_bytes=sink.s3_part_bytes)
 
     @property
-    def _client(self) -> Any:
+    def _s3(self) -> Any:
         return client_for(self.config)
 
     def _fail(self, e: Exception, what: str) -> ObjectStoreUnavailableError:
@@ -52,7 +52,7 @@ class S3Store:
     def put(self, key: str, body: bytes) -> None:
         full = self.prefix + key
         try:
-            put_whole(self._client, self.bucket, full, body, part_bytes=self.part_bytes)
+            put_whole(self._s3, self.bucket, full, body, part_bytes=self.part_bytes)
         except Exception as e:
             raise self._fail(e, f"writing s3://{self.bucket}/{full}") from e
 
